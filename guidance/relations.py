@@ -1,0 +1,218 @@
+"""Reading spatial relations <A, R, B> out of a prompt.
+
+"a potted plant to the right of a clock" -> Relation("potted plant", "right", "clock").
+Plain text in, plain data out: token positions are found elsewhere (nodes/tokens.py),
+with the tokenizer of the CLIP that encodes the prompt.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Canonical relation -> accepted phrasings (ALGORITHM.md section 1; "near" as in T2I-CompBench).
+PHRASINGS: dict[str, tuple[str, ...]] = {
+    "left": ("to the left of", "on the left of", "left of"),
+    "right": ("to the right of", "on the right of", "right of"),
+    "above": ("on the top of", "on top of", "above", "over"),
+    "below": ("on the bottom of", "underneath", "beneath", "below", "under"),
+    "near": ("on the side of", "next to", "beside", "near"),
+}
+# Depth relations: a 2D centroid cannot express them, so they are refused, never guessed.
+DEPTH_PHRASINGS = ("in front of", "behind")
+RELATIONS = tuple(PHRASINGS)
+
+# Words that end an object phrase (reading away from the relation phrase).
+_STOP = frozenset("""
+a an the this that these those some one two three its their his her my your our
+and or but with without while where which who of in on at into onto from by for to
+is are was were be being sits sitting stands standing lies lying placed located
+there here photo picture image painting drawing rendering
+""".split())
+# Linking words skipped between an object and its relation: "a cat is sitting left of a dog".
+_LINK = frozenset("""
+is are was were be being sits sitting sit stands standing stand lies lying lie placed
+located positioned put set just directly slightly far
+""".split())
+_MAX_OBJECT_WORDS = 3
+_MAX_TEXT = 20_000  # characters read; a longer prompt is refused with a clear message
+
+_WEIGHT = re.compile(r":\s*-?\d+(?:\.\d*)?\s*(?=\))")  # the ":1.3" of "(red car:1.3)"
+_BRACKETS = re.compile(r"(?<!\\)[()\[\]]")
+_WORD = re.compile(r"[^\W_](?:[\w'-]*[^\W_])?|embedding:[\w.\-/]+", re.UNICODE)
+_BOUNDARY = re.compile(r"[,.;:!?\n]")
+
+
+class RelationError(ValueError):
+    """A prompt or override that cannot be read as spatial relations; the message says why."""
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A sits `relation` of B, e.g. ("cat", "left", "dog"): the cat is left of the dog."""
+
+    object_a: str
+    relation: str
+    object_b: str
+    # index of this mention among equal mentions in the prompt (repeated words), 0-based
+    occurrence_a: int = 0
+    occurrence_b: int = 0
+
+
+def accepted_phrasings() -> str:
+    """The accepted phrasings, for error messages and help texts."""
+    return "; ".join(f"{r}: " + ", ".join(f'"{p}"' for p in ps) for r, ps in PHRASINGS.items())
+
+
+def strip_weight_syntax(text: str) -> str:
+    """'(red car:1.3) and [dog]' -> 'red car and dog' (ComfyUI's emphasis syntax removed)."""
+    return _BRACKETS.sub(" ", _WEIGHT.sub("", text)).replace("\\(", "(").replace("\\)", ")")
+
+
+def _phrase_pattern(phrases: tuple[str, ...]) -> re.Pattern[str]:
+    alternatives = sorted(phrases, key=len, reverse=True)
+    body = "|".join(r"\s+".join(map(re.escape, p.split())) for p in alternatives)
+    return re.compile(rf"(?<![\w-])(?:{body})(?![\w-])", re.IGNORECASE)
+
+
+_RELATION_RE = _phrase_pattern(tuple(p for ps in PHRASINGS.values() for p in ps))
+_DEPTH_RE = _phrase_pattern(DEPTH_PHRASINGS)
+_CANONICAL = {" ".join(p.split()): r for r, ps in PHRASINGS.items() for p in ps}
+
+
+def _words(segment: str) -> list[str]:
+    return _WORD.findall(segment)
+
+
+def _object_before(segment: str) -> str:
+    """The object phrase that ends a text segment: 'a photo of a red cat' -> 'red cat'."""
+    segment = _BOUNDARY.split(segment)[-1]
+    words = _words(segment)
+    while words and words[-1].lower() in _LINK:
+        words.pop()
+    kept: list[str] = []
+    for w in reversed(words):
+        if w.lower() in _STOP or len(kept) == _MAX_OBJECT_WORDS:
+            break
+        kept.append(w)
+    return " ".join(reversed(kept))
+
+
+def _object_after(segment: str) -> str:
+    """The object phrase that starts a text segment: 'a big dog and a car' -> 'big dog'."""
+    segment = _BOUNDARY.split(segment)[0]
+    words = _words(segment)
+    i = 0
+    while i < len(words) and words[i].lower() in _STOP and words[i].lower() not in ("and", "or", "with"):
+        i += 1
+    kept: list[str] = []
+    for w in words[i:]:
+        if w.lower() in _STOP or len(kept) == _MAX_OBJECT_WORDS:
+            break
+        kept.append(w)
+    return " ".join(kept)
+
+
+def _joined_to_previous(segment: str) -> bool:
+    """True when a segment is only a conjunction: '... a dog and above a car' shares A."""
+    words = [w.lower() for w in _words(_BOUNDARY.split(segment)[-1])]
+    return not words or words[-1] in ("and", "but", "while", "also")
+
+
+def count_mentions(text: str, phrase: str, end: int | None = None) -> int:
+    """How often `phrase` occurs as whole words in text[:end] (case-insensitive)."""
+    pattern = r"(?<![\w-])" + r"\s+".join(map(re.escape, phrase.split())) + r"(?![\w-])"
+    return len(re.findall(pattern, text[:end], re.IGNORECASE))
+
+
+def parse_relations(text: str) -> list[Relation]:
+    """Every <A, R, B> in a prompt, in reading order. Raises RelationError when none is found.
+
+    Weight syntax is ignored; "A left of B and above C" gives (A left B), (A above C).
+    """
+    if len(text) > _MAX_TEXT:
+        raise RelationError(
+            f"The prompt has {len(text)} characters; Spatial Relation Parse reads at most "
+            f"{_MAX_TEXT}. Shorten the text, or set object_a, relation and object_b.")
+    clean = strip_weight_syntax(text)
+    depth = _DEPTH_RE.search(clean)
+    if depth:
+        raise RelationError(
+            f'"{depth.group(0)}" is a depth relation: InfSplign moves objects in the image '
+            f"plane and cannot express it. Use one of: {', '.join(RELATIONS)}.")
+    matches = list(_RELATION_RE.finditer(clean))
+    relations: list[Relation] = []
+    previous_end = 0
+    for k, m in enumerate(matches):
+        next_start = matches[k + 1].start() if k + 1 < len(matches) else len(clean)
+        before = clean[previous_end:m.start()]
+        a = _object_before(before)
+        a_end = m.start()
+        if not a and relations and _joined_to_previous(before):
+            a = relations[-1].object_a
+            a_end = _mention_end(clean, a, relations[-1].occurrence_a)
+        b = _object_after(clean[m.end():next_start])
+        previous_end = m.end()
+        if not a or not b:
+            continue
+        canonical = _CANONICAL[" ".join(m.group(0).lower().split())]
+        relations.append(Relation(
+            a, canonical, b,
+            occurrence_a=count_mentions(clean, a, a_end) - 1,
+            occurrence_b=count_mentions(clean, b, m.end())))
+    if not relations:
+        shown = clean if len(clean) <= 120 else clean[:117] + "..."
+        raise RelationError(
+            f'No spatial relation found in "{shown}". Write it as "A <relation> B", for example '
+            f'"a cat to the left of a dog". Accepted phrasings: {accepted_phrasings()}. '
+            "Or set object_a, relation and object_b on the node.")
+    return relations
+
+
+def _mention_end(text: str, phrase: str, occurrence: int) -> int:
+    pattern = r"(?<![\w-])" + r"\s+".join(map(re.escape, phrase.split())) + r"(?![\w-])"
+    found = list(re.finditer(pattern, text, re.IGNORECASE))
+    return found[occurrence].end() if occurrence < len(found) else len(text)
+
+
+def canonical_relation(name: str) -> str:
+    """'left of' / 'Left' / 'to the left of' -> 'left'; RelationError names the accepted ones."""
+    key = " ".join(name.lower().split())
+    if key in PHRASINGS:
+        return key
+    if key in _CANONICAL:
+        return _CANONICAL[key]
+    if key in DEPTH_PHRASINGS:
+        raise RelationError(f'"{name}" is a depth relation and cannot be guided in 2D. '
+                            f"Use one of: {', '.join(RELATIONS)}.")
+    raise RelationError(f'Unknown relation "{name}". Use one of: {", ".join(RELATIONS)} '
+                        f"(or a phrasing: {accepted_phrasings()}).")
+
+
+@dataclass(frozen=True)
+class BoundRelation:
+    """A relation with its objects' positions in the encoded prompt (the conditioning's
+    sequence axis: chunk * 77 + index for prompts longer than one chunk)."""
+
+    relation: Relation
+    tokens_a: tuple[int, ...]
+    tokens_b: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SpatialRelations:
+    """What Spatial Relation Parse hands to the capture and guidance nodes."""
+
+    items: tuple[BoundRelation, ...]
+    text: str
+    encoder: str  # tokenizer family, e.g. "clip_l", "clip_h", "clip_g+clip_l"
+    sequence_length: int  # tokens in the encoded prompt
+
+    def summary(self) -> str:
+        lines = []
+        for i, b in enumerate(self.items, 1):
+            r = b.relation
+            verb = "near" if r.relation == "near" else f"{r.relation} of"
+            lines.append(f'{i}. "{r.object_a}" {verb} "{r.object_b}"  '
+                         f"(tokens {r.object_a}: {list(b.tokens_a)}, {r.object_b}: {list(b.tokens_b)})")
+        lines.append(f"encoder {self.encoder}, {self.sequence_length} tokens")
+        return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""The real ComfyUI host for tests: in-process (tier 2 and 3) and as an HTTP server (tier 3).
+
+In-process follows what main.py does: CPU mode, `utils.extra_config` before `nodes`,
+`init_extra_nodes` (which loads custom_nodes/, where host/setup.sh linked this pack and
+the test kit), then `execution.validate_prompt` and `execution.PromptExecutor`, which runs
+every prompt under torch.inference_mode() exactly as a user's server does.
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "host"))
+from comfy_server import COMFY, Server  # noqa: E402,F401  (the HTTP tier uses host.Server)
+
+_booted = False
+
+
+def boot() -> None:
+    """Import ComfyUI in this process (CPU) and load all node packs, once."""
+    global _booted
+    if _booted:
+        return
+    if not (COMFY / "main.py").is_file():
+        raise RuntimeError(f"No ComfyUI host at {COMFY}: run `make setup` (make test does it).")
+    sys.path.insert(0, str(COMFY))
+    sys.path.insert(0, str(ROOT / "tests"))
+    from comfy.cli_args import args
+    args.cpu = True
+    import comfy.model_management  # noqa: F401  (reads args.cpu)
+    import utils.extra_config  # noqa: F401  (must precede `nodes`, see COMFYUI.md)
+    import nodes
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    _booted = True
+
+
+class _Messages:
+    """What PromptExecutor needs of the server: a sink for its progress messages."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.messages: list[tuple[str, dict]] = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+@dataclass
+class Run:
+    success: bool
+    outputs: dict
+    messages: list = field(default_factory=list)
+
+    def error(self) -> str:
+        for event, data in self.messages:
+            if event == "execution_error":
+                return f"{data.get('exception_type')}: {data.get('exception_message')}"
+        return ""
+
+
+def execute(prompt: dict) -> Run:
+    """Validate and run an API-format prompt through the real executor."""
+    boot()
+    import execution
+    prompt_id = str(uuid.uuid4())
+    valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    if not valid[0]:
+        raise AssertionError(f"prompt rejected by validate_prompt: {valid[1]} {valid[3]}")
+    sink = _Messages()
+    executor = execution.PromptExecutor(sink, cache_args={"lru": 0, "ram": 0})
+    executor.execute(prompt, prompt_id, {"client_id": "tests"}, valid[2])
+    outputs = executor.history_result.get("outputs", {}) if executor.success else {}
+    return Run(executor.success, outputs, sink.messages)
+
+
+def add_checkpoint_folder(path: Path) -> None:
+    boot()
+    import folder_paths
+    folder_paths.add_model_folder_path("checkpoints", str(path))

@@ -1,0 +1,41 @@
+"""Test tiers: 1 = pure math/text (no ComfyUI import), 2 = glue against the real `comfy`
+package, 3 = whole workflows through the real executor and HTTP server.
+
+Tier 1 imports the pack's modules as `infsplign.guidance...` (see testkit/pack.py); tiers
+2 and 3 boot the host in-process through the `host` fixture.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+
+# testkit/pack.py by path: importing the testkit package itself would import ComfyUI.
+_spec = importlib.util.spec_from_file_location("infsplign_packimport", TESTS / "testkit" / "pack.py")
+_packimport = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_packimport)
+_packimport.module("guidance")
+
+
+@pytest.fixture(scope="session")
+def host():
+    """The real ComfyUI, booted in this process with every node pack loaded."""
+    import comfy_host
+    comfy_host.boot()
+    return comfy_host
+
+
+@pytest.fixture(scope="session")
+def checkpoints(host, tmp_path_factory):
+    """A folder of test checkpoints (.safetensors), known to ComfyUI's folder_paths."""
+    from testkit import models
+    folder = tmp_path_factory.mktemp("checkpoints")
+    for topology in models.TOPOLOGIES:
+        models.save_checkpoint(str(folder / f"infsplign_test_{topology}.safetensors"), topology)
+    host.add_checkpoint_folder(folder)
+    return folder

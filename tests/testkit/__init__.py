@@ -1,0 +1,88 @@
+"""Test kit as a ComfyUI custom node: test models and probes for the development host.
+
+Loading it also lets ComfyUI's checkpoint detection recognise the narrow test UNets, so
+the real CheckpointLoaderSimple loads test checkpoint files, in-process and in a server.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import comfy.model_management
+
+from . import models
+from .pack import module as pack_module
+
+models.register_detection()
+
+
+class TestModel:
+    """MODEL, CLIP, VAE of a deterministic test topology (no file needed)."""
+
+    CATEGORY = "InfSplign testkit"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "topology": (list(models.TOPOLOGIES), {"default": "sd1"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+        }}
+
+    def load(self, topology, seed):
+        return models.load(topology, seed)
+
+
+class GradientProbe:
+    """d mean(denoised^2) / d latent for one UNet call, inside the executor.
+
+    `helper` = false runs the naive way (leave inference mode, nothing else), to show the
+    pitfall the pack's guidance.autograd helper exists for.
+    """
+
+    CATEGORY = "InfSplign testkit"
+    RETURN_TYPES = ("FLOAT",)
+    RETURN_NAMES = ("grad_norm",)
+    FUNCTION = "probe"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",), "positive": ("CONDITIONING",), "latent": ("LATENT",),
+            "sigma": ("FLOAT", {"default": 5.0, "min": 0.01, "max": 100.0}),
+            "helper": ("BOOLEAN", {"default": True}),
+        }}
+
+    def probe(self, model, positive, latent, sigma, helper):
+        autograd = pack_module("guidance.autograd")
+        comfy.model_management.load_models_gpu([model])
+        unet = model.model
+        device = comfy.model_management.get_torch_device()
+        samples = latent["samples"]
+        noise = torch.randn(samples.shape, generator=torch.Generator().manual_seed(0))
+        context = positive[0][0]
+        with autograd.grad_enabled():
+            if helper:
+                autograd.make_autograd_safe(unet)
+            x = autograd.grad_leaf((samples + sigma * noise).to(device))
+            s = torch.full((x.shape[0],), sigma, device=device)
+            denoised = unet.apply_model(x, s, c_crossattn=context.to(device))
+            (grad,) = torch.autograd.grad(denoised.float().pow(2).mean(), x)
+        norm = float(grad.norm())
+        if not math.isfinite(norm):
+            raise ValueError(f"gradient is not finite: {norm}")
+        return {"ui": {"grad_norm": [norm], "inference_tensor": [bool(samples.is_inference())]},
+                "result": (norm,)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "InfSplignTestModel": TestModel,
+    "InfSplignTestGradientProbe": GradientProbe,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "InfSplignTestModel": "Test model (InfSplign testkit)",
+    "InfSplignTestGradientProbe": "Gradient probe (InfSplign testkit)",
+}
