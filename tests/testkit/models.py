@@ -28,36 +28,41 @@ import comfy.taesd.taesd
 import comfy.utils
 from comfy.text_encoders import sd2_clip
 
-# A narrow CLIP text transformer: same class and tokenizer, fewer channels and layers.
+# Narrow CLIP text transformers: same classes and tokenizers, fewer layers. CLIP-L and
+# CLIP-G are narrow too; CLIP-H keeps SD2's 1024-d context (its hidden width).
 CLIP_WIDTH = 64
-NARROW_CLIP = {
-    "hidden_size": CLIP_WIDTH,
-    "intermediate_size": 2 * CLIP_WIDTH,
-    "num_attention_heads": 2,
-    "num_hidden_layers": 3,  # SD2/SDXL read layer -2; ComfyUI needs more than 2
-    "projection_dim": CLIP_WIDTH,
-}
+SD2_CONTEXT = 1024
 UNET_WIDTH = 32  # model_channels; GroupNorm(32) needs a multiple of 32
 
 
-def _narrow(model_options: dict, *names: str) -> dict:
+def narrow_clip(width: int) -> dict:
+    return {
+        "hidden_size": width,
+        "intermediate_size": max(2 * CLIP_WIDTH, width),
+        "num_attention_heads": max(2, width // 64),
+        "num_hidden_layers": 3,  # SD2/SDXL read layer -2; ComfyUI asserts more than 2
+        "projection_dim": width,
+    }
+
+
+def _narrow(model_options: dict, **widths: int) -> dict:
     """model_options that make ComfyUI's SDClipModel build the named encoders narrow."""
-    return {**model_options, **{f"{n}_model_config": dict(NARROW_CLIP) for n in names}}
+    return {**model_options, **{f"{n}_model_config": narrow_clip(w) for n, w in widths.items()}}
 
 
 class NarrowSD1Clip(comfy.sd1_clip.SD1ClipModel):
     def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
-        super().__init__(device=device, dtype=dtype, model_options=_narrow(model_options, "clip_l"), **kwargs)
+        super().__init__(device=device, dtype=dtype, model_options=_narrow(model_options, clip_l=CLIP_WIDTH), **kwargs)
 
 
 class NarrowSD2Clip(sd2_clip.SD2ClipModel):
     def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
-        super().__init__(device=device, dtype=dtype, model_options=_narrow(model_options, "clip_h"), **kwargs)
+        super().__init__(device=device, dtype=dtype, model_options=_narrow(model_options, clip_h=SD2_CONTEXT), **kwargs)
 
 
 class NarrowSDXLClip(comfy.sdxl_clip.SDXLClipModel):
     def __init__(self, device="cpu", dtype=None, model_options={}):
-        super().__init__(device=device, dtype=dtype, model_options=_narrow(model_options, "clip_l", "clip_g"))
+        super().__init__(device=device, dtype=dtype, model_options=_narrow(model_options, clip_l=CLIP_WIDTH, clip_g=CLIP_WIDTH))
 
 
 # Supported-model configs for the narrow UNets. ComfyUI matches a state dict against
@@ -73,7 +78,7 @@ class TestSD1(comfy.supported_models.SD15):
 
 
 class TestSD2(comfy.supported_models.SD20):
-    unet_config = {"context_dim": CLIP_WIDTH, "model_channels": UNET_WIDTH,
+    unet_config = {"context_dim": SD2_CONTEXT, "model_channels": UNET_WIDTH,
                    "use_linear_in_transformer": True, "adm_in_channels": None,
                    "use_temporal_attention": False}
     unet_extra_config = {"num_heads": -1, "num_head_channels": 8, "attn_precision": torch.float32}
@@ -130,7 +135,7 @@ TOPOLOGIES = {
         "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
         "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
         "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        "use_linear_in_transformer": True, "context_dim": CLIP_WIDTH},
+        "use_linear_in_transformer": True, "context_dim": SD2_CONTEXT},
         "SD2.x topology (v-prediction, linear projections, OpenCLIP-H tokenizer, fp32 attention)",
         v_prediction=True),
     "sdxl": Topology("sdxl", TestSDXL, {

@@ -33,7 +33,7 @@ def _attention_maps(model, cond, block, x, sigma, **kw):
 
 @pytest.mark.parametrize("topology, model_class, v_pred, encoders, context", [
     ("sd1", "BaseModel", False, {"l"}, 64),
-    ("sd2v", "BaseModel", True, {"h"}, 64),
+    ("sd2v", "BaseModel", True, {"h"}, 1024),
     ("sdxl", "SDXL", False, {"g", "l"}, 128),
 ])
 def test_topology(built, topology, model_class, v_pred, encoders, context):
