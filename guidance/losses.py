@@ -1,0 +1,128 @@
+"""InfSplign's losses on attention statistics (ALGORITHM.md section 4).
+
+Per relation <A, R, B> and layer:
+    lambda_s * f(alpha (m - Delta)) + lambda_o * |delta|^p + lambda_level * (presence | balance)
+with Delta the signed offset that must exceed the margin m, delta the offset on the
+orthogonal axis, presence = s2_A + s2_B on the coarse level and balance = |s2_A - s2_B|
+on the other levels. The step loss is the mean over layers, summed over the batch and
+over the relations of the prompt.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention_stats import at_least_float32, object_stats
+
+ACTIVATIONS = ("sigmoid", "relu", "leaky_relu", "gelu")
+ORTHOGONAL = {"none": 0, "l1": 1, "l2": 2}
+LEVELS = ("coarse", "mid", "fine")
+NEAR_RADIUS = 0.5  # "near": centroids closer than NEAR_RADIUS - margin (image widths)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Loss hyper-parameters; defaults are the thesis' best sigmoid setting."""
+
+    activation: str = "sigmoid"
+    alpha: float = 8.0
+    margin: float = 0.0
+    orthogonal: str = "none"
+    spatial_weight: float = 1.0
+    orthogonal_weight: float = 1.0
+    presence_weight: float = 1.0
+    balance_weight: float = 1.0
+    threshold: bool = False
+    leaky_slope: float = 0.05
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f'loss "{self.activation}" is not one of {", ".join(ACTIVATIONS)}.')
+        if self.orthogonal not in ORTHOGONAL:
+            raise ValueError(f'orthogonal term "{self.orthogonal}" is not one of {", ".join(ORTHOGONAL)}.')
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Relation between object slots a and b of the maps tensor (a is `relation` of b)."""
+
+    a: int
+    b: int
+    relation: str
+
+
+def activation(z: Tensor, s: LossSettings) -> Tensor:
+    """f(z) for f in {sigmoid, relu, leaky_relu, gelu}."""
+    if s.activation == "sigmoid":
+        return torch.sigmoid(z)
+    if s.activation == "relu":
+        return F.relu(z)
+    if s.activation == "leaky_relu":
+        return F.leaky_relu(z, s.leaky_slope)
+    return F.gelu(z)
+
+
+def offsets(ca: Tensor, cb: Tensor, relation: str) -> tuple[Tensor, Tensor | None]:
+    """(Delta, delta) of ALGORITHM.md's table for centroids (..., 2) of A and B.
+
+    Delta > margin means the relation holds; delta is the orthogonal offset (None for near).
+    """
+    xa, ya, xb, yb = ca[..., 0], ca[..., 1], cb[..., 0], cb[..., 1]
+    if relation == "left":
+        return xb - xa, ya - yb
+    if relation == "right":
+        return xa - xb, ya - yb
+    if relation == "above":
+        return yb - ya, xa - xb
+    if relation == "below":
+        return ya - yb, xa - xb
+    if relation == "near":
+        # Closeness as a margin: Delta = R - |c_A - c_B|, so Delta > m <=> distance < R - m.
+        return NEAR_RADIUS - torch.linalg.vector_norm(ca - cb, dim=-1), None
+    raise ValueError(f'relation "{relation}" is not one of left, right, above, below, near.')
+
+
+def spatial_loss(delta: Tensor, s: LossSettings) -> Tensor:
+    """L_s = f(alpha (m - Delta))."""
+    return activation(s.alpha * (s.margin - delta), s)
+
+
+def orthogonal_loss(delta: Tensor | None, s: LossSettings) -> Tensor | float:
+    """L_o = |delta|^p, p from {none: 0 (off), l1: 1, l2: 2}."""
+    p = ORTHOGONAL[s.orthogonal]
+    if p == 0 or delta is None:
+        return 0.0
+    return delta.abs() ** p
+
+
+def layer_loss(maps: Tensor, pairs: Sequence[Pair], level: str, s: LossSettings) -> Tensor:
+    """Loss of one layer, per image: maps (B, K, h, w) of K object slots -> (B,)."""
+    c, s2 = object_stats(at_least_float32(maps), s.threshold)
+    total = c.new_zeros(maps.shape[0])
+    for p in pairs:
+        big_delta, small_delta = offsets(c[:, p.a], c[:, p.b], p.relation)
+        total = total + s.spatial_weight * spatial_loss(big_delta, s)
+        total = total + s.orthogonal_weight * orthogonal_loss(small_delta, s)
+        if level == "coarse":
+            total = total + s.presence_weight * (s2[:, p.a] + s2[:, p.b])
+        else:
+            total = total + s.balance_weight * (s2[:, p.a] - s2[:, p.b]).abs()
+    return total
+
+
+def step_loss(layers: Sequence[tuple[str, Tensor]], pairs: Sequence[Pair], s: LossSettings) -> Tensor:
+    """Mean over layers of the layer losses, summed over the batch: a scalar."""
+    if not layers:
+        raise ValueError("no attention maps were captured for this step.")
+    per_layer = torch.stack([layer_loss(maps, pairs, level, s) for level, maps in layers])
+    return per_layer.mean(dim=0).sum()
+
+
+def relation_holds(maps: Tensor, pairs: Sequence[Pair], s: LossSettings) -> Tensor:
+    """(B, len(pairs)) booleans: Delta > margin on these maps (for logs and tests)."""
+    c, _ = object_stats(at_least_float32(maps), s.threshold)
+    return torch.stack([offsets(c[:, p.a], c[:, p.b], p.relation)[0] > s.margin for p in pairs], dim=-1)

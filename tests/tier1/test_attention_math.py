@@ -1,0 +1,159 @@
+"""Tier 1: attention statistics, losses and the guided step (ALGORITHM.md sections 3-5)."""
+import math
+
+import pytest
+import torch
+
+from infsplign.guidance.attention_stats import centroids, mean_threshold, object_stats, variances
+from infsplign.guidance.losses import (ACTIVATIONS, LossSettings, Pair, offsets, orthogonal_loss,
+                                       relation_holds, spatial_loss, step_loss)
+from infsplign.guidance.step import guided_denoised, guided_eps, in_window
+
+H, W = 16, 24
+
+
+def one_hot(i, j, h=H, w=W):
+    m = torch.zeros(h, w, dtype=torch.float64)
+    m[i, j] = 1.0
+    return m
+
+
+def gaussian(cy, cx, sigma, h=64, w=64):
+    """A Gaussian blob in normalised coordinates, far from the borders."""
+    y = torch.linspace(0, 1, h, dtype=torch.float64).view(h, 1)
+    x = torch.linspace(0, 1, w, dtype=torch.float64).view(1, w)
+    return torch.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2))
+
+
+def test_one_hot_centroid_and_variance_are_exact():
+    for i, j in [(0, 0), (3, 7), (H - 1, W - 1)]:
+        c = centroids(one_hot(i, j))
+        assert c.tolist() == [j / (W - 1), i / (H - 1)]
+        assert variances(one_hot(i, j), c).item() == 0.0
+
+
+def test_gaussian_centroid_and_variance():
+    # centred on grid points 21/63 and 42/63 so the blob is symmetric about its centre
+    cx, cy, sigma = 21 / 63, 42 / 63, 0.06
+    m = gaussian(cy, cx, sigma)
+    c = centroids(m)
+    assert torch.allclose(c, torch.tensor([cx, cy], dtype=torch.float64), atol=1e-12)
+    # sum-of-samples of a Gaussian wider than the grid step equals the integral to ~1e-9
+    assert variances(m, c).item() == pytest.approx(2 * sigma**2, rel=1e-6)
+
+
+def test_mean_threshold_keeps_values_above_the_mean():
+    m = torch.tensor([[0.0, 1.0], [2.0, 5.0]])
+    assert mean_threshold(m).tolist() == [[0.0, 0.0], [0.0, 5.0]]
+    # a blob plus a weak uniform floor: thresholding removes the floor's pull to the centre
+    blob = gaussian(0.2, 0.2, 0.05) + 0.02
+    c_plain, _ = object_stats(blob)
+    c_thr, _ = object_stats(blob, threshold=True)
+    assert (c_thr - 0.2).abs().max() < 1e-3 < (c_plain - 0.2).abs().max()
+
+
+def test_all_zero_maps_stay_finite_with_finite_gradients():
+    maps = torch.zeros(2, 2, H, W, requires_grad=True)
+    for threshold in (False, True):
+        s = LossSettings(threshold=threshold, orthogonal="l2")
+        loss = step_loss([("coarse", maps), ("mid", maps)], [Pair(0, 1, "left")], s)
+        (g,) = torch.autograd.grad(loss, maps)
+        assert torch.isfinite(loss) and torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("relation, a, b", [
+    ("left", (8, 2), (8, 20)), ("right", (8, 20), (8, 2)),
+    ("above", (1, 12), (14, 12)), ("below", (14, 12), (1, 12)), ("near", (8, 11), (8, 13)),
+])
+def test_offsets_are_positive_exactly_when_the_relation_holds(relation, a, b):
+    ca, cb = centroids(one_hot(*a)), centroids(one_hot(*b))
+    assert offsets(ca, cb, relation)[0] > 0
+    assert offsets(cb, ca, relation)[0] < 0 or relation == "near"
+    if relation != "near":
+        assert offsets(ca, cb, relation)[1].abs() < 1e-12  # aligned on the other axis
+
+
+def test_near_is_false_for_far_objects():
+    far = offsets(centroids(one_hot(0, 0)), centroids(one_hot(H - 1, W - 1)), "near")[0]
+    assert far < 0
+
+
+def test_each_activation_is_zero_or_positive_where_its_formula_says():
+    below, at, above = torch.tensor(-0.3), torch.tensor(0.25), torch.tensor(0.8)
+    relu = LossSettings(activation="relu", alpha=0.75, margin=0.25)
+    assert spatial_loss(below, relu) > 0 and spatial_loss(at, relu) == 0 and spatial_loss(above, relu) == 0
+    leaky = LossSettings(activation="leaky_relu", alpha=2, margin=0.25, leaky_slope=0.1)
+    assert spatial_loss(below, leaky) > 0 and spatial_loss(above, leaky) < 0
+    assert spatial_loss(above, leaky) == pytest.approx(0.1 * 2 * (0.25 - 0.8))
+    gelu = LossSettings(activation="gelu", alpha=2, margin=0.25)
+    assert spatial_loss(below, gelu) > 0 and spatial_loss(at, gelu) == 0 and spatial_loss(above, gelu) < 0
+    sig = LossSettings(activation="sigmoid", alpha=8, margin=0.0)
+    assert 0.5 < spatial_loss(below, sig) < 1 and 0 < spatial_loss(above, sig) < 0.5
+    ortho = LossSettings(orthogonal="l2")
+    assert orthogonal_loss(torch.tensor(0.0), ortho) == 0 and orthogonal_loss(torch.tensor(-0.2), ortho) > 0
+    assert orthogonal_loss(torch.tensor(-0.2), LossSettings(orthogonal="none")) == 0
+
+
+def test_presence_and_balance_terms():
+    only = dict(spatial_weight=0.0, orthogonal="none")
+    tight = torch.stack([one_hot(3, 3), one_hot(9, 9)]).unsqueeze(0)
+    spread = torch.stack([gaussian(0.3, 0.3, 0.1, H, W), gaussian(0.6, 0.6, 0.1, H, W)]).unsqueeze(0)
+    pair = [Pair(0, 1, "left")]
+    presence = LossSettings(**only, presence_weight=1.0)
+    assert step_loss([("coarse", tight)], pair, presence) == 0
+    assert step_loss([("coarse", spread)], pair, presence) > 0
+    balance = LossSettings(**only, balance_weight=1.0)
+    assert step_loss([("mid", tight)], pair, balance) == 0
+    uneven = torch.stack([one_hot(3, 3), gaussian(0.6, 0.6, 0.1, H, W)]).unsqueeze(0)
+    assert step_loss([("mid", uneven)], pair, balance) > 0
+
+
+def test_several_relations_add_up_and_batches_sum():
+    maps = torch.rand(3, 3, H, W, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    s = LossSettings(orthogonal="l1")
+    p1, p2 = Pair(0, 1, "left"), Pair(0, 2, "above")
+    layers = [("coarse", maps), ("mid", maps.flip(-1))]
+    both = step_loss(layers, [p1, p2], s)
+    assert both == pytest.approx((step_loss(layers, [p1], s) + step_loss(layers, [p2], s)).item())
+    per_image = sum(step_loss([(lv, m[i:i + 1]) for lv, m in layers], [p1, p2], s) for i in range(3))
+    assert both == pytest.approx(per_image.item())
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("threshold", [False, True])
+def test_gradients_equal_finite_differences(act, threshold):
+    g = torch.Generator().manual_seed(1)
+    maps = (torch.rand(2, 3, 6, 7, dtype=torch.float64, generator=g) + 0.05).requires_grad_(True)
+    s = LossSettings(activation=act, alpha=2.0, margin=0.25, orthogonal="l2", threshold=threshold)
+    pairs = [Pair(0, 1, "right"), Pair(2, 1, "below"), Pair(0, 2, "near")]
+    fn = lambda m: step_loss([("coarse", m), ("mid", m * m)], pairs, s)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (maps,), eps=1e-6, atol=1e-6)
+
+
+def test_relation_holds_reads_the_maps():
+    maps = torch.stack([one_hot(8, 2), one_hot(8, 20)]).unsqueeze(0)
+    assert relation_holds(maps, [Pair(0, 1, "left"), Pair(0, 1, "right")], LossSettings()).tolist() == [[True, False]]
+
+
+def test_guided_denoised_is_eq6_in_eps_space():
+    g = torch.Generator().manual_seed(2)
+    x, d, grad = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    sigma = torch.tensor([14.6, 0.3], dtype=torch.float64)
+    w = 1000.0
+    s = sigma.view(-1, 1, 1, 1)
+    eps = (x - d) / s
+    d_new = guided_denoised(d, grad, sigma, w)
+    assert torch.allclose((x - d_new) / s, guided_eps(eps, grad, sigma, w), rtol=1e-12, atol=1e-9)
+    assert torch.allclose(guided_eps(eps, grad, sigma, w) - eps, w * torch.sqrt(1 + s**2) * grad)
+    assert torch.equal(guided_denoised(d, grad, sigma, 0.0), d)
+
+
+def test_window_rule_and_its_tolerance():
+    start, end = 1e9, 4.0861  # percent_to_sigma(0.0), percent_to_sigma(0.25) for SD1
+    assert in_window(14.6, start, end) and in_window(4.2, start, end)
+    assert not in_window(4.0819, start, end)  # the "simple" step at 25 %: a hair outside
+    assert not in_window(4.0861 * 1.0005, start, end)  # a hair inside: still "on" the bound
+    assert not in_window(1.0, start, end)
+    assert in_window(10.0 * 1.0005, 1e9, 0.0) is True
+    assert not in_window(10.0 * 1.01, 10.0, 0.0) and in_window(10.0 * 1.0005, 10.0, 0.0)
+    assert math.isfinite(end)
