@@ -38,8 +38,9 @@ _MAX_TEXT = 20_000  # characters read; a longer prompt is refused with a clear m
 
 _WEIGHT = re.compile(r":\s*-?\d+(?:\.\d*)?\s*(?=\))")  # the ":1.3" of "(red car:1.3)"
 _BRACKETS = re.compile(r"(?<!\\)[()\[\]]")
-_WORD = re.compile(r"[^\W_](?:[\w'-]*[^\W_])?|embedding:[\w.\-/]+", re.UNICODE)
-_BOUNDARY = re.compile(r"[,.;:!?\n]")
+_WORD = re.compile(r"embedding:[\w.\-/]*[\w\-/]|[^\W_](?:[\w'-]*[^\W_])?", re.UNICODE)
+# Clause boundaries; the colon of "embedding:name" and the dot inside "embedding:my.v2" are not.
+_BOUNDARY = re.compile(r"[,;!?\n]|(?<!embedding):|\.(?![\w-])")
 
 
 class RelationError(ValueError):

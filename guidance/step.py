@@ -7,8 +7,16 @@ grad_{z_t} L = sqrt(1 + sigma^2) grad_x L that is, on the denoised prediction D,
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
 import torch
 from torch import Tensor
+
+from .autograd import grad_enabled, grad_leaf
+from .capture import CaptureStore
+from .losses import LossSettings, step_loss
 
 # Steps within this relative distance of a window boundary count as on it.
 WINDOW_TOLERANCE = 1e-3
@@ -41,3 +49,92 @@ def in_window(sigma: float, sigma_start: float, sigma_end: float, tol: float = W
     `tol` (relative) so that a step a hair beside a bound counts as on it. With 20 steps and
     end_percent 0.25 this guides steps 0..4 (the step at 25% itself is not guided)."""
     return sigma <= sigma_start * (1.0 + tol) and sigma > sigma_end * (1.0 + tol)
+
+
+@dataclass(frozen=True)
+class GuidanceSettings:
+    """What InfSplign Guider / InfSplign (KSampler) set; validated with messages that say
+    which value is wrong and what to use instead."""
+
+    strength: float = 1000.0
+    loss: LossSettings = LossSettings()
+    start_percent: float = 0.0
+    end_percent: float = 0.25
+
+    def __post_init__(self):
+        problems = []
+        if not math.isfinite(self.strength) or self.strength < 0:
+            problems.append(f"strength is {self.strength}; use a number >= 0 (1000 is the paper's)")
+        if not 0.0 <= self.start_percent < self.end_percent <= 1.0:
+            problems.append(f"start_percent {self.start_percent} / end_percent {self.end_percent}: "
+                            "need 0 <= start_percent < end_percent <= 1 (default 0.0 / 0.25)")
+        if not math.isfinite(self.loss.alpha) or self.loss.alpha <= 0:
+            problems.append(f"alpha is {self.loss.alpha}; use a number > 0 (8 for sigmoid)")
+        if not math.isfinite(self.loss.margin):
+            problems.append(f"margin is {self.loss.margin}; use a finite number (0 for sigmoid)")
+        for name in ("presence_weight", "balance_weight", "orthogonal_weight", "spatial_weight"):
+            value = getattr(self.loss, name)
+            if not math.isfinite(value) or value < 0:
+                problems.append(f"{name} is {value}; use a number >= 0")
+        if problems:
+            raise ValueError("InfSplign settings: " + "; ".join(problems) + ".")
+
+
+@dataclass
+class StepReport:
+    """What one guided (or observed) step did, for the log and the trace."""
+
+    sigma: float
+    loss: float
+    spatial: float  # the spatial term alone (the thesis' loss-reduction measure)
+    grad_norm: float = 0.0
+    applied: bool = False
+    skipped: str = ""
+
+
+def _report(layers, store: CaptureStore, settings: GuidanceSettings, sigma: Tensor, loss: Tensor) -> StepReport:
+    spatial_only = replace(settings.loss, orthogonal="none", presence_weight=0.0, balance_weight=0.0)
+    with torch.no_grad():
+        detached = [(level, maps.detach()) for level, maps in layers]
+        spatial = step_loss(detached, store.pairs, spatial_only)
+    return StepReport(float(sigma.max()), float(loss.detach()), float(spatial))
+
+
+def guided_step(predict: Callable[[Tensor], Tensor], x: Tensor, sigma: Tensor,
+                store: CaptureStore, settings: GuidanceSettings) -> tuple[Tensor, StepReport]:
+    """One InfSplign step around the sampler's own prediction.
+
+    `predict(x)` is the sampler's batched cond/uncond forward returning the denoised x0.
+    It runs once with autograd recording; the loss on the captured cond maps is
+    differentiated once w.r.t. x (one backward, no second forward), and Eq. 6 is applied
+    to the detached prediction. Strength 0 only observes the loss. A non-finite loss or
+    gradient leaves the prediction unguided and says so in the report.
+    """
+    store.capturing = True
+    try:
+        if settings.strength == 0:
+            with torch.no_grad():
+                denoised = predict(x)
+                layers = store.take()
+                return denoised, _report(layers, store, settings, sigma, step_loss(layers, store.pairs, settings.loss))
+        with grad_enabled():
+            x_leaf = grad_leaf(x)
+            denoised = predict(x_leaf)
+            store.capturing = False
+            layers = store.take()
+            loss = step_loss(layers, store.pairs, settings.loss)
+            report = _report(layers, store, settings, sigma, loss)
+            if not torch.isfinite(loss):
+                report.skipped = "loss is not finite"
+                return denoised.detach(), report
+            (grad,) = torch.autograd.grad(loss, x_leaf)
+        denoised = denoised.detach()
+        report.grad_norm = float(grad.norm())
+        if not math.isfinite(report.grad_norm):
+            report.skipped = "gradient is not finite"
+            return denoised, report
+        report.applied = True
+        return guided_denoised(denoised, grad.to(denoised.dtype), sigma.to(denoised.device), settings.strength), report
+    finally:
+        store.capturing = False
+        store.take()

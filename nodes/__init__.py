@@ -1,9 +1,16 @@
 """ComfyUI glue: node schemas and wiring; the method itself lives in guidance/."""
+from .guidance_nodes import Apply, AttentionCapture, Guider
 from .relation_parse import RelationParse
 
 NODE_CLASS_MAPPINGS = {
     "InfSplignRelationParse": RelationParse,
+    "InfSplignAttentionCapture": AttentionCapture,
+    "InfSplignGuider": Guider,
+    "InfSplignApply": Apply,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "InfSplignRelationParse": "Spatial Relation Parse",
+    "InfSplignAttentionCapture": "Attention Capture Patch",
+    "InfSplignGuider": "InfSplign Guider",
+    "InfSplignApply": "InfSplign (KSampler)",
 }

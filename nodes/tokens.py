@@ -51,6 +51,10 @@ def locate(clip, text: str, phrase: str, occurrence: int = 0, role: str = "objec
         needle = [t for _, t in _content(clip, name, alone[name][:1])]
         hay = _content(clip, name, chunks)
         if not needle:
+            if phrase.startswith("embedding:"):
+                raise RelationError(
+                    f'{role} "{phrase}": no such embedding for this CLIP. Put the file in '
+                    "ComfyUI's models/embeddings folder, or name the object by a word of the prompt.")
             raise RelationError(f'{role} "{phrase}" has no tokens for this CLIP. Use a word of the prompt.')
         hits = [i for i in range(len(hay) - len(needle) + 1)
                 if all(_same(hay[i + j][1], needle[j]) for j in range(len(needle)))]

@@ -66,19 +66,48 @@ class Run:
         return ""
 
 
+class Session:
+    """One PromptExecutor for several prompts, keeping its node cache between them as a
+    running server does (a later prompt reuses the earlier prompt's loaded MODEL)."""
+
+    def __init__(self):
+        boot()
+        import execution
+        self.sink = _Messages()
+        self.executor = execution.PromptExecutor(self.sink, cache_args={"lru": 0, "ram": 0})
+
+    def execute(self, prompt: dict) -> Run:
+        import execution
+        prompt_id = str(uuid.uuid4())
+        valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        if not valid[0]:
+            raise AssertionError(f"prompt rejected by validate_prompt: {valid[1]} {valid[3]}")
+        self.sink.messages = []
+        self.executor.execute(prompt, prompt_id, {"client_id": "tests"}, valid[2])
+        outputs = self.executor.history_result.get("outputs", {}) if self.executor.success else {}
+        return Run(self.executor.success, outputs, list(self.sink.messages))
+
+
 def execute(prompt: dict) -> Run:
-    """Validate and run an API-format prompt through the real executor."""
+    """Validate and run an API-format prompt through the real executor (fresh caches)."""
+    return Session().execute(prompt)
+
+
+def saved_latents(run: Run, node: str):
+    """The tensors a SaveLatent node wrote to disk in this run."""
+    import folder_paths
+    import safetensors.torch
+    out = []
+    for item in run.outputs[node]["latents"]:
+        path = Path(folder_paths.get_output_directory()) / item["subfolder"] / item["filename"]
+        out.append(safetensors.torch.load_file(str(path))["latent_tensor"])
+    return out
+
+
+def set_output_directory(path: Path) -> None:
     boot()
-    import execution
-    prompt_id = str(uuid.uuid4())
-    valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-    if not valid[0]:
-        raise AssertionError(f"prompt rejected by validate_prompt: {valid[1]} {valid[3]}")
-    sink = _Messages()
-    executor = execution.PromptExecutor(sink, cache_args={"lru": 0, "ram": 0})
-    executor.execute(prompt, prompt_id, {"client_id": "tests"}, valid[2])
-    outputs = executor.history_result.get("outputs", {}) if executor.success else {}
-    return Run(executor.success, outputs, sink.messages)
+    import folder_paths
+    folder_paths.set_output_directory(str(path))
 
 
 def add_checkpoint_folder(path: Path) -> None:

@@ -23,10 +23,12 @@ _packimport.module("guidance")
 
 
 @pytest.fixture(scope="session")
-def host():
-    """The real ComfyUI, booted in this process with every node pack loaded."""
+def host(tmp_path_factory):
+    """The real ComfyUI, booted in this process with every node pack loaded; files that
+    executed prompts write go to a temporary folder, not the host's output/."""
     import comfy_host
     comfy_host.boot()
+    comfy_host.set_output_directory(tmp_path_factory.mktemp("comfy_output"))
     return comfy_host
 
 

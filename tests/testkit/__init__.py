@@ -78,11 +78,42 @@ class GradientProbe:
                 "result": (norm,)}
 
 
+class AttentionPatch:
+    """Another pack's attn2 replace patch (the way IPAdapter installs itself) on output
+    blocks, counting its calls in `calls` so tests can see it ran."""
+
+    CATEGORY = "InfSplign testkit"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    calls: dict[str, int] = {}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "blocks": ("STRING", {"default": "3,4,5,6,7,8"}),
+                             "tag": ("STRING", {"default": "other"}),
+                             "scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0})}}
+
+    def patch(self, model, blocks, tag, scale):
+        import comfy.ldm.modules.attention as attention
+        calls = AttentionPatch.calls
+
+        def attn2(q, k, v, extra):
+            calls[tag] = calls.get(tag, 0) + 1
+            return attention.optimized_attention(q, k, v * scale, extra["n_heads"],
+                                                 attn_precision=extra.get("attn_precision"))
+        m = model.clone()
+        for b in blocks.split(","):
+            m.set_model_attn2_replace(attn2, "output", int(b))
+        return (m,)
+
+
 NODE_CLASS_MAPPINGS = {
     "InfSplignTestModel": TestModel,
     "InfSplignTestGradientProbe": GradientProbe,
+    "InfSplignTestAttentionPatch": AttentionPatch,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "InfSplignTestModel": "Test model (InfSplign testkit)",
     "InfSplignTestGradientProbe": "Gradient probe (InfSplign testkit)",
+    "InfSplignTestAttentionPatch": "Attention patch of another pack (InfSplign testkit)",
 }

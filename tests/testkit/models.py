@@ -193,12 +193,14 @@ def checkpoint_state_dict(topology: str, seed: int = 0) -> dict[str, torch.Tenso
     return model.state_dict_for_saving(clip_sd, vae_sd)
 
 
-def load(topology: str, seed: int = 0, dtype: torch.dtype | None = None):
+def load(topology: str, seed: int = 0, dtype: torch.dtype | None = None,
+         embedding_directory: str | None = None):
     """(MODEL, CLIP, VAE) through ComfyUI's real checkpoint loading function."""
     register_detection()
     sd = checkpoint_state_dict(topology, seed)
     options = {} if dtype is None else {"dtype": dtype}
-    model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(sd, model_options=options)
+    model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
+        sd, model_options=options, embedding_directory=embedding_directory)
     return model, clip, vae
 
 

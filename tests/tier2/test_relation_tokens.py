@@ -78,3 +78,25 @@ def test_errors_name_the_value_and_the_fix(clips, parse):
         parse(clips["sd1"], "a cat and a dog", object_a="cat")
     with pytest.raises(ValueError, match="depth relation"):
         parse(clips["sdxl"], "a cat behind a dog")
+
+
+def test_embedding_syntax(host, parse, tmp_path):
+    """An "embedding:name" object: its vectors are the tokens, found by value."""
+    import safetensors.torch
+    import torch
+    from testkit import models
+    safetensors.torch.save_file({"emb_params": torch.randn(2, models.CLIP_WIDTH)}, str(tmp_path / "mycat.safetensors"))
+    clip = models.load("sd1", embedding_directory=str(tmp_path))[1]
+    rels, summary = parse(clip, "a photo of embedding:mycat to the left of a dog")
+    (b,) = rels.items
+    assert b.relation.object_a == "embedding:mycat"
+    assert b.tokens_a == (4, 5) and b.tokens_b == (11,)  # two embedding vectors, then "to the left of a"
+    cond = clip.encode_from_tokens(clip.tokenize("a photo of embedding:mycat to the left of a dog"))
+    assert cond.shape == (1, 77, models.CLIP_WIDTH)
+
+
+def test_missing_embedding_is_an_object_error(host, parse, tmp_path):
+    from testkit import models
+    clip = models.load("sd1", embedding_directory=str(tmp_path))[1]
+    with pytest.raises(ValueError, match=r"object_a \"embedding:nothere\": no such embedding"):
+        parse(clip, "embedding:nothere to the left of a dog")

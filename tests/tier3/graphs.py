@@ -31,3 +31,40 @@ def gradient_probe(ckpt: str, helper: bool) -> dict:
             "model": ["ckpt", 0], "positive": ["pos", 0], "latent": ["latent", 0],
             "sigma": 5.0, "helper": helper}},
     }
+
+
+DEFAULTS = {"strength": 1000.0, "loss": "sigmoid", "alpha": 8.0, "margin": 0.0, "orthogonal": "auto",
+            "presence_weight": 1.0, "balance_weight": 1.0, "start_percent": 0.0, "end_percent": 0.25}
+
+
+def ksampler_guided(ckpt: str, text: str = "a cat to the left of a dog", seed: int = 7, steps: int = 8,
+                    size: int = 256, guided: bool = True, **settings) -> dict:
+    """txt2img with InfSplign (KSampler) between the loader and KSampler; SaveLatent at the end."""
+    g = txt2img(ckpt, text=text, seed=seed, steps=steps, size=size)
+    if guided:
+        g["apply"] = {"class_type": "InfSplignApply", "inputs": {
+            "model": ["ckpt", 0], "relations": ["parse", 0], **{**DEFAULTS, **settings}}}
+        g["sample"]["inputs"]["model"] = ["apply", 0]
+    g["save_latent"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": "t"}}
+    return g
+
+
+def custom_guided(ckpt: str, text: str = "a cat to the left of a dog", seed: int = 7, steps: int = 8,
+                  size: int = 256, **settings) -> dict:
+    """SamplerCustomAdvanced with InfSplign Guider; same noise, sampler and schedule as KSampler."""
+    g = txt2img(ckpt, text=text, seed=seed, steps=steps, size=size)
+    del g["sample"]
+    g.update({
+        "guider": {"class_type": "InfSplignGuider", "inputs": {
+            "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0],
+            "relations": ["parse", 0], "cfg": 5.0, **{**DEFAULTS, **settings}}},
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        "sampler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "sigmas": {"class_type": "BasicScheduler", "inputs": {
+            "model": ["ckpt", 0], "scheduler": "normal", "steps": steps, "denoise": 1.0}},
+        "sample": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["sampler", 0],
+            "sigmas": ["sigmas", 0], "latent_image": ["latent", 0]}},
+        "save_latent": {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": "t"}},
+    })
+    return g

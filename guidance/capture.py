@@ -1,0 +1,99 @@
+"""Object-token cross-attention maps, recorded during the UNet's own forward pass.
+
+Only the captured layers materialise attention probabilities, only for the cond rows,
+and only the object tokens' columns are kept (ALGORITHM.md section 2):
+    p = softmax(q k^T / sqrt(d)) over all context tokens, mean over heads,
+in float32 whatever the model's dtype. The store lives for one sampling run.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .losses import Pair
+from .relations import SpatialRelations
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A captured cross-attention layer: decoder block, transformer index, level."""
+
+    block: int
+    transformer: int
+    level: str  # "coarse" | "mid" | "fine"
+
+
+def object_slots(relations: SpatialRelations) -> tuple[tuple[tuple[int, ...], ...], tuple[Pair, ...]]:
+    """Distinct token groups of all objects, and the relations as pairs of slot indices."""
+    groups: list[tuple[int, ...]] = []
+    pairs = []
+    for item in relations.items:
+        slots = []
+        for tokens in (item.tokens_a, item.tokens_b):
+            if tokens not in groups:
+                groups.append(tokens)
+            slots.append(groups.index(tokens))
+        pairs.append(Pair(slots[0], slots[1], item.relation.relation))
+    return tuple(groups), tuple(pairs)
+
+
+def token_maps(q: Tensor, k: Tensor, heads: int, groups: Sequence[Sequence[int]],
+               hw: tuple[int, int]) -> Tensor:
+    """Mean-over-heads attention of each token group, (B, N, H*d), (B, T, H*d) -> (B, K, h, w).
+
+    A group of several tokens (a multi-token object) gets the mean of its tokens' maps.
+    """
+    b, n, inner = q.shape
+    d = inner // heads
+    qh = q.float().view(b, n, heads, d).transpose(1, 2)
+    kh = k.float().view(k.shape[0], -1, heads, d).transpose(1, 2)
+    probs = torch.softmax((qh @ kh.transpose(-1, -2)) * d ** -0.5, dim=-1).mean(dim=1)  # (B, N, T)
+    maps = torch.stack([probs[..., list(g)].mean(dim=-1) for g in groups], dim=1)
+    return maps.view(b, len(groups), *hw)
+
+
+class TokenPositionError(ValueError):
+    pass
+
+
+@dataclass
+class CaptureStore:
+    """Maps of one sampling run's current step; `capturing` is on only while a step needs them."""
+
+    relations: SpatialRelations
+    layers: tuple[Layer, ...]
+    groups: tuple[tuple[int, ...], ...] = ()
+    pairs: tuple[Pair, ...] = ()
+    capturing: bool = False
+    _maps: dict[Layer, list[Tensor]] = field(default_factory=lambda: defaultdict(list))
+
+    def __post_init__(self):
+        self.groups, self.pairs = object_slots(self.relations)
+
+    def record(self, layer: Layer, q: Tensor, k: Tensor, heads: int,
+               cond_or_uncond: Sequence[int], hw: tuple[int, int]) -> None:
+        """Keep the cond rows' object maps of one attn2 call (a no-op unless capturing)."""
+        if not self.capturing or 0 not in cond_or_uncond:
+            return
+        longest = max(max(g) for g in self.groups)
+        if longest >= k.shape[1]:
+            raise TokenPositionError(
+                f"Object token position {longest} is beyond the conditioning's {k.shape[1]} tokens: "
+                "the relations were parsed from another text than the positive prompt. Connect the "
+                "positive prompt's text to Spatial Relation Parse.")
+        chunk = q.shape[0] // len(cond_or_uncond)
+        rows = [i * chunk + j for i, c in enumerate(cond_or_uncond) if c == 0 for j in range(chunk)]
+        rows_t = torch.tensor(rows, device=q.device)
+        maps = token_maps(q.index_select(0, rows_t), k.index_select(0, rows_t), heads, self.groups, hw)
+        # several cond entries (e.g. combined conditionings) are averaged per image
+        self._maps[layer].append(maps.view(-1, chunk, *maps.shape[1:]).mean(dim=0))
+
+    def take(self) -> list[tuple[str, Tensor]]:
+        """(level, maps (B, K, h, w)) per captured layer of this step; clears the store."""
+        out = [(layer.level, torch.stack(m).mean(dim=0)) for layer, m in self._maps.items() if m]
+        self._maps = defaultdict(list)
+        return out

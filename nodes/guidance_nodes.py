@@ -1,0 +1,127 @@
+"""Attention Capture Patch, InfSplign Guider and InfSplign (KSampler): schemas and wiring."""
+from __future__ import annotations
+
+import comfy.samplers
+
+from ..guidance.losses import ACTIVATIONS, LossSettings
+from ..guidance.step import GuidanceSettings
+from . import hooks, unet_layers
+
+CATEGORY = "sampling/InfSplign"
+ORTHOGONAL_CHOICES = ("auto", "none", "l1", "l2")
+
+
+def settings_inputs() -> dict:
+    """Guidance settings shared by InfSplign Guider and InfSplign (KSampler).
+
+    Defaults are the thesis' best: sigmoid loss with alpha 8 and margin 0, strength
+    w = 1000 on the first 25 % of the steps; the orthogonal l2 term on SD1.x only
+    ("auto"), where the thesis found it helps (little effect on SD2.x).
+    """
+    f = lambda default, lo, hi, step, tip: ("FLOAT", {"default": default, "min": lo, "max": hi,  # noqa: E731
+                                                      "step": step, "tooltip": tip})
+    return {
+        "strength": f(1000.0, 0.0, 100000.0, 10.0, "w of the paper: how hard objects are pushed. 0 only observes."),
+        "loss": (list(ACTIVATIONS), {"default": "sigmoid", "tooltip":
+                 "f of the spatial loss f(alpha (margin - Delta)). Thesis best: sigmoid (alpha 8, margin 0); "
+                 "gelu / leaky_relu (alpha 2, margin 0.25); relu (alpha 0.75, margin 0.25)."}),
+        "alpha": f(8.0, 0.01, 100.0, 0.05, "Sharpness of the spatial loss."),
+        "margin": f(0.0, -1.0, 1.0, 0.01, "How far apart the centroids must be (image widths) before the loss is satisfied."),
+        "orthogonal": (list(ORTHOGONAL_CHOICES), {"default": "auto", "tooltip":
+                       "Keep the objects aligned on the other axis: l2 on SD1.x and off elsewhere when auto."}),
+        "presence_weight": f(1.0, 0.0, 100.0, 0.05, "Coarse level: pull each object's attention together (s2_A + s2_B)."),
+        "balance_weight": f(1.0, 0.0, 100.0, 0.05, "Other levels: keep both objects equally compact (|s2_A - s2_B|)."),
+        "start_percent": f(0.0, 0.0, 1.0, 0.01, "First step guided, as a fraction of the schedule."),
+        "end_percent": f(0.25, 0.0, 1.0, 0.01, "Guidance stops here (the step at exactly this point is not guided)."),
+    }
+
+
+def make_settings(model, strength, loss, alpha, margin, orthogonal, presence_weight, balance_weight,
+                  start_percent, end_percent, threshold=False) -> GuidanceSettings:
+    if orthogonal == "auto":
+        orthogonal = "l2" if unet_layers.family(model) == "sd1" else "none"
+    return GuidanceSettings(
+        strength=strength, start_percent=start_percent, end_percent=end_percent,
+        loss=LossSettings(activation=loss, alpha=alpha, margin=margin, orthogonal=orthogonal,
+                          presence_weight=presence_weight, balance_weight=balance_weight,
+                          threshold=threshold))
+
+
+def _optional() -> dict:
+    return {"threshold": ("BOOLEAN", {"default": False, "tooltip":
+                          "Mean thresholding of the maps before their statistics (thesis Eq. 7)."})}
+
+
+def _guided_model(model, relations, settings: dict):
+    unet_layers.family(model)  # a clear error for non-UNet models, before anything is patched
+    gs = make_settings(model, **settings)
+    return hooks.with_guidance(model, relations, gs, lambda: unet_layers.select_layers(model, "auto"))
+
+
+class AttentionCapture:
+    DESCRIPTION = ("Records the objects' cross-attention maps on chosen decoder layers while sampling. "
+                   "Chains with attention patches of other packs on the same layers.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "relations": ("SPATIAL_RELATIONS",),
+                "layers": (list(unet_layers.PRESETS), {"default": "auto", "tooltip":
+                           "auto = coarse + mid decoder levels (SD1/SD2 output blocks 3-8, SDXL 0-5)."}),
+            },
+            "optional": {
+                "custom_layers": ("STRING", {"default": "", "tooltip":
+                                  'With layers = custom: output blocks, e.g. "3, 4, 5" or "1.1-3" (block 1, transformers 1..3).'}),
+            },
+        }
+
+    def patch(self, model, relations, layers, custom_layers=""):
+        chosen = unet_layers.select_layers(model, layers, custom_layers)
+        return (hooks.with_capture(model, relations, chosen),)
+
+
+class Guider:
+    DESCRIPTION = "A CFG guider with InfSplign spatial guidance, for SamplerCustomAdvanced."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("GUIDER",)
+    FUNCTION = "get_guider"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",), "positive": ("CONDITIONING",), "negative": ("CONDITIONING",),
+                "relations": ("SPATIAL_RELATIONS",),
+                "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                **settings_inputs(),
+            },
+            "optional": _optional(),
+        }
+
+    def get_guider(self, model, positive, negative, relations, cfg, **settings):
+        guider = comfy.samplers.CFGGuider(_guided_model(model, relations, settings))
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return (guider,)
+
+
+class Apply:
+    DESCRIPTION = "InfSplign spatial guidance on a MODEL, for KSampler and KSamplerAdvanced."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"model": ("MODEL",), "relations": ("SPATIAL_RELATIONS",), **settings_inputs()},
+            "optional": _optional(),
+        }
+
+    def apply(self, model, relations, **settings):
+        return (_guided_model(model, relations, settings),)
