@@ -59,8 +59,9 @@ def _guided_model(model, relations, settings: dict):
 
 
 class AttentionCapture:
-    DESCRIPTION = ("Records the objects' cross-attention maps on chosen decoder layers while sampling. "
-                   "Chains with attention patches of other packs on the same layers.")
+    DESCRIPTION = ("Chooses the decoder layers on which InfSplign records the objects' cross-attention "
+                   "maps (cond rows, float32) during guided steps. Chains with attention patches of "
+                   "other packs on the same layers. Put it before InfSplign (KSampler) / InfSplign Guider.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"

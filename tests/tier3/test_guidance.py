@@ -160,7 +160,7 @@ def test_another_packs_attention_patch_keeps_working(host, checkpoints, caplog, 
         assert run.success, run.error()
         reports = [rec.infsplign for rec in caplog.records if hasattr(rec, "infsplign")]
         assert len(reports) == 2 and all(x.applied for x in reports)
-        # 6 layers x 8 steps, cond+uncond batched in one call per layer and step
-        assert calls[tag] == 6 * STEPS
+        # 6 layers x 8 steps; on the 2 guided steps cond and uncond rows run as two calls
+        assert calls[tag] == 6 * (STEPS + 2)
         latents[scale] = host.saved_latents(run, "save_latent")[0]
     assert not torch.equal(latents[1.0], latents[0.5])

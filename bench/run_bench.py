@@ -1,0 +1,252 @@
+"""Guided vs plain sampling, side by side in one process: wall time and peak memory.
+
+    .venv/bin/python bench/run_bench.py            # full table (about 9 minutes on 2 CPU cores)
+    .venv/bin/python bench/run_bench.py --quick    # small models only, a smoke run
+
+Per model: the same model, seed and prompt; plain KSampler-style sampling and InfSplign
+with its default window (25 % of 20 steps) alternate, and the table gives the median
+wall-time ratio and the ratio of peak memory (resident memory on CPU, sampled during the
+run; torch.cuda.max_memory_allocated on GPU). A second table times one guided step three
+ways: the pack's step (the sampler's own forward, cond rows with autograd, uncond rows
+without), the same with cond and uncond rows both recorded (one batched graph), and a
+naive step (the plain forward plus a second, separate forward with autograd).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / ".host" / "ComfyUI"), str(ROOT / "tests")]
+
+from comfy.cli_args import args  # noqa: E402
+
+args.cpu = "--gpu" not in sys.argv
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.supported_models  # noqa: E402
+from comfy.patcher_extension import WrappersMP  # noqa: E402
+from testkit import models  # noqa: E402
+from testkit.pack import module  # noqa: E402
+
+relations_mod = module("guidance.relations")
+autograd = module("guidance.autograd")
+step = module("guidance.step")
+losses = module("guidance.losses")
+hooks = module("nodes.hooks")
+guidance_nodes = module("nodes.guidance_nodes")
+
+SETTINGS = dict(strength=1000.0, loss="sigmoid", alpha=8.0, margin=0.0, orthogonal="auto",
+                presence_weight=1.0, balance_weight=1.0, start_percent=0.0, end_percent=0.25)
+RELATIONS = relations_mod.SpatialRelations(
+    (relations_mod.BoundRelation(relations_mod.Relation("cat", "left", "dog"), (2,), (8,)),),
+    "a cat to the left of a dog", "clip_l", 77)
+
+
+class PeakMemory:
+    """Peak resident memory (CPU) or peak allocated device memory (GPU) during a block."""
+
+    def __init__(self, device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            proc = psutil.Process()
+            self.peak = proc.memory_info().rss
+
+            def poll():
+                while not self._stop.wait(0.005):
+                    self.peak = max(self.peak, proc.memory_info().rss)
+            self._thread = threading.Thread(target=poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def full_sd15(dtype):
+    """The full-width SD1.5 UNet (860 M parameters), random weights, built under inference
+    mode as ComfyUI's loader does; conditioning tensors stand in for CLIP."""
+    cfg = comfy.supported_models.SD15({**models.TOPOLOGIES["sd1"].unet, "model_channels": 320, "context_dim": 768})
+    cfg.set_inference_dtype(dtype, None)
+    device = comfy.model_management.get_torch_device()
+    with torch.inference_mode():
+        base = cfg.get_model({})
+        for name, tensor in base.diffusion_model.state_dict().items():
+            models._fill(name, tensor, 0)
+        base = base.to(device)
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    positive = [[torch.randn(1, 77, 768, generator=g), {}]]
+    negative = [[torch.randn(1, 77, 768, generator=g), {}]]
+    return patcher, positive, negative
+
+
+def test_sdxl():
+    model, clip, _ = models.load("sdxl")
+    encode = lambda text: clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)  # noqa: E731
+    (c, pc), (u, pu) = encode(RELATIONS.text), encode("")
+    return model, [[c, {"pooled_output": pc}]], [[u, {"pooled_output": pu}]]
+
+
+def naive_wrapper(settings):
+    """A naive guided step for comparison only: the plain forward, then a second separate
+    forward of the cond rows with autograd."""
+    def predict_noise(executor, x, timestep, model_options={}, seed=None):
+        store = model_options["transformer_options"][hooks.RUN_KEY]
+        guider = executor.class_obj
+        sampling = guider.model_patcher.get_model_object("model_sampling")
+        window = (float(sampling.percent_to_sigma(settings.start_percent)),
+                  float(sampling.percent_to_sigma(settings.end_percent)))
+        if not step.in_window(float(timestep.max()), *window):
+            return executor(x, timestep, model_options, seed)
+        with torch.no_grad():
+            denoised = executor(x, timestep, model_options, seed)
+        autograd.make_autograd_safe(guider.inner_model)
+        with autograd.grad_enabled():
+            conds = {k: v.cond.clone() for k, v in guider.conds["positive"][0]["model_conds"].items()}
+            sigma = timestep.clone()
+            options = {**model_options["transformer_options"], "cond_or_uncond": [0], "sigmas": sigma}
+            xl = autograd.grad_leaf(x)
+            store.capturing = True
+            guider.inner_model.apply_model(xl, sigma, transformer_options=options, **conds)
+            store.capturing = False
+            loss = losses.step_loss(store.take(), store.pairs, settings.loss)
+            (grad,) = torch.autograd.grad(loss, xl)
+        return step.guided_denoised(denoised, grad, timestep, settings.strength)
+    return predict_noise
+
+
+def variants(model, end_percent=0.25):
+    settings = {**SETTINGS, "end_percent": end_percent}
+    current = guidance_nodes._guided_model(model, RELATIONS, settings)
+    batched = current.clone()
+    batched.remove_wrappers_with_key(WrappersMP.CALC_COND_BATCH, hooks.SPLIT_KEY)
+    naive = current.clone()
+    naive.remove_wrappers_with_key(WrappersMP.CALC_COND_BATCH, hooks.SPLIT_KEY)
+    naive.remove_wrappers_with_key(WrappersMP.PREDICT_NOISE, hooks.GUIDANCE_KEY)
+    naive.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, "bench.naive",
+                               naive_wrapper(guidance_nodes.make_settings(model, **settings)))
+    return {"plain": model, "current": current, "batched graph": batched, "naive": naive}
+
+
+def run(model, positive, negative, size, steps, device):
+    latent = torch.zeros(1, 4, size // 8, size // 8)
+    noise = comfy.sample.prepare_noise(latent, 1)
+    with PeakMemory(device) as mem, torch.inference_mode():
+        t0 = time.perf_counter()
+        out = comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", positive, negative, latent,
+                                  seed=1, disable_pbar=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    assert torch.isfinite(out).all()
+    return seconds, mem.peak
+
+
+def bench(name, build, size, steps, rounds, device):
+    print(f"\n== {name}: {size}x{size}, {steps} steps, {rounds} alternating rounds", flush=True)
+    model, positive, negative = build()
+    baseline = psutil.Process().memory_info().rss if device.type != "cuda" else torch.cuda.memory_allocated()
+    full = variants(model)
+    for v in ("plain", "current"):  # warm-up, and the one-off weight copy out of inference mode
+        run(full[v], positive, negative, size, 2, device)
+    times = {"plain": [], "current": []}
+    peaks = {"plain": [], "current": []}
+    for r in range(rounds):
+        for v in ("plain", "current"):
+            t, p = run(full[v], positive, negative, size, steps, device)
+            times[v].append(t)
+            peaks[v].append(p)
+            print(f"   round {r + 1} {v:8s} {t:7.2f} s  peak {p / 2**20:8.0f} MiB", flush=True)
+    ratios = [g / p for g, p in zip(times["current"], times["plain"])]
+    mem_ratio = max(peaks["current"]) / max(peaks["plain"])
+    # one step, guided in all variants: a 1-step schedule with the window over all of it
+    one = variants(model, end_percent=1.0)
+    per_step = {v: run(one[v], positive, negative, size, 1, device)[0]
+                for v in ("plain", "current", "batched graph", "naive")}
+    return {"name": name, "plain_s": statistics.median(times["plain"]),
+            "guided_s": statistics.median(times["current"]), "ratio": statistics.median(ratios),
+            "ratios": ratios, "mem_ratio": mem_ratio, "peak_plain": max(peaks["plain"]),
+            "peak_guided": max(peaks["current"]), "baseline": baseline, "per_step": per_step}
+
+
+PLANS = {
+    "cpu": [("SD1.5 full width (860 M), fp32", "sd15", 256, 20, 2),
+            ("SDXL-topology test model", "sdxl-test", 512, 20, 2)],
+    "gpu": [("SD1.5 full width, fp16", "sd15-fp16", 512, 20, 3)],
+    "quick": [("SDXL-topology test model", "sdxl-test", 256, 8, 1)],
+}
+BUILDERS = {"sd15": lambda: full_sd15(torch.float32), "sd15-fp16": lambda: full_sd15(torch.float16),
+            "sdxl-test": test_sdxl}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small model only, few steps (smoke run)")
+    parser.add_argument("--gpu", action="store_true", help="run on the GPU (fp16, 512 px)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one model, JSON out
+    opts = parser.parse_args()
+    device = comfy.model_management.get_torch_device()
+    torch.manual_seed(0)
+    if opts.one:
+        name, key, size, steps, rounds = json.loads(opts.one)
+        result = bench(name, BUILDERS[key], size, steps, rounds, device)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+    t0 = time.perf_counter()
+    plan = PLANS["quick" if opts.quick else "gpu" if opts.gpu else "cpu"]
+    results = []
+    for entry in plan:  # each model in its own process: its memory peak is its own
+        cmd = [sys.executable, __file__, "--one", json.dumps(entry)] + (["--gpu"] if opts.gpu else [])
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        for line in proc.stdout:
+            if line.startswith("RESULT "):
+                results.append(json.loads(line[7:]))
+            else:
+                print(line, end="", flush=True)
+        if proc.wait() != 0:
+            print(f"benchmark of {entry[0]} failed", file=sys.stderr)
+            return 1
+    unit = "VRAM" if device.type == "cuda" else "RSS"
+    mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
+    print(f"\nInfSplign benchmark on {device} ({torch.get_num_threads()} threads), default window: 25 % of the steps")
+    print(f"| model | plain s | guided s | guided/plain time (median; each round) | peak {unit} plain | guided "
+          f"| guided/plain memory | above model: plain | guided |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        rounds = ", ".join(f"{x:.3f}" for x in r["ratios"])
+        print(f"| {r['name']} | {r['plain_s']:.2f} | {r['guided_s']:.2f} | {r['ratio']:.3f} ({rounds}) | "
+              f"{mib(r['peak_plain'])} | {mib(r['peak_guided'])} | {r['mem_ratio']:.3f} | "
+              f"{mib(r['peak_plain'] - r['baseline'])} | {mib(r['peak_guided'] - r['baseline'])} |")
+    print("\nOne guided step (a 1-step run, the window over all of it), against a plain step:")
+    print("| model | plain step s | current s | batched graph s | naive s | naive/current | batched/current |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        s = r["per_step"]
+        print(f"| {r['name']} | {s['plain']:.2f} | {s['current']:.2f} | {s['batched graph']:.2f} | "
+              f"{s['naive']:.2f} | {s['naive'] / s['current']:.3f} | {s['batched graph'] / s['current']:.3f} |")
+    print(f"\nfinished in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
