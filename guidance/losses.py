@@ -20,7 +20,6 @@ from .attention_stats import at_least_float32, object_stats
 
 ACTIVATIONS = ("sigmoid", "relu", "leaky_relu", "gelu")
 ORTHOGONAL = {"none": 0, "l1": 1, "l2": 2}
-LEVELS = ("coarse", "mid", "fine")
 NEAR_RADIUS = 0.5  # "near": centroids closer than NEAR_RADIUS - margin (image widths)
 
 

@@ -157,3 +157,25 @@ def test_window_rule_and_its_tolerance():
     assert in_window(10.0 * 1.0005, 1e9, 0.0) is True
     assert not in_window(10.0 * 1.01, 10.0, 0.0) and in_window(10.0 * 1.0005, 10.0, 0.0)
     assert math.isfinite(end)
+
+
+@pytest.mark.parametrize("kwargs, names", [
+    ({"strength": -1.0}, "strength is -1.0"),
+    ({"strength": float("nan")}, "strength is nan"),
+    ({"start_percent": 0.5, "end_percent": 0.25}, "start_percent 0.5 / end_percent 0.25"),
+    ({"loss": LossSettings(alpha=0.0)}, "alpha is 0.0"),
+    ({"loss": LossSettings(presence_weight=-2.0)}, "presence_weight is -2.0"),
+])
+def test_settings_errors_name_the_value_and_the_fix(kwargs, names):
+    from infsplign.guidance.step import GuidanceSettings
+    with pytest.raises(ValueError) as err:
+        GuidanceSettings(**kwargs)
+    msg = str(err.value)
+    assert names in msg and ("use" in msg or "need" in msg), msg
+
+
+def test_unknown_loss_names_are_refused():
+    with pytest.raises(ValueError, match='loss "tanh" is not one of sigmoid, relu, leaky_relu, gelu'):
+        LossSettings(activation="tanh")
+    with pytest.raises(ValueError, match='orthogonal term "l3"'):
+        LossSettings(orthogonal="l3")
