@@ -1,75 +1,105 @@
-"""`make demo`: start ComfyUI with this pack, run a small workflow, say where the output is.
+"""`make demo`: the bundled demo model, unguided vs InfSplign, through a real ComfyUI server.
 
-Until the pack ships its own demo model, the workflow runs on the deterministic SD1-topology
-test model (random weights: the image is noise; the point is the pack running in a real host).
+Starts ComfyUI (main.py --cpu, loopback) with this pack, loads the example workflow
+example_workflows/d_demo_model_unguided_vs_guided.json (the UI file users drag in),
+converts it to the API format with the server's /object_info, and queues it once per
+relation prompt with the prompt text replaced. Each run samples 4 seeds unguided and
+guided from the same noise; the demo writes one PNG per prompt (rows: seeds; left:
+unguided, right: InfSplign), scores every image with the shapes-world detector and prints
+the VISOR table.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "host"))
-from comfy_server import COMFY, Server  # noqa: E402
+import numpy as np
+from PIL import Image
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "host"), str(ROOT / "tests")]
+from comfy_server import Server  # noqa: E402
+import ui_workflow as wf  # noqa: E402
+
+WORKFLOW = ROOT / "example_workflows" / "d_demo_model_unguided_vs_guided.json"
 OUT = ROOT / "output" / "demo"
-CKPT = "infsplign_test_sd1.safetensors"
-PROMPT = "a red cube to the left of a blue ball"
+TEXT_NODE, SAVE_NODE, PARSE_NODE = "2", "13", "5"
+DEFAULT_PROMPTS = (
+    "a red circle to the left of a blue square",
+    "a green triangle to the right of a yellow circle",
+    "a white square above a purple triangle",
+    "a blue triangle below a red square",
+    "a yellow square to the left of a green circle",
+    "a purple circle to the right of a white triangle",
+    "a green square above a blue circle",
+    "a white circle below a yellow triangle",
+)
 
 
 def say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def write_checkpoint(folder: Path) -> None:
-    path = folder / CKPT
-    if path.exists():
-        return
-    sys.path[:0] = [str(COMFY), str(ROOT / "tests")]
-    from comfy.cli_args import args
-    args.cpu = True
-    from testkit import models
-    say(f"writing the test checkpoint {path}")
-    models.save_checkpoint(str(path), "sd1")
+def demo_modules():
+    """The pack's scorer and prompt helpers, without importing ComfyUI in this process."""
+    from testkit.pack import module
+    return module("demo_world.evaluation"), module("demo_world.scorer")
 
 
-def workflow() -> dict:
-    return {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": PROMPT}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": ""}},
-        "parse": {"class_type": "InfSplignRelationParse", "inputs": {"clip": ["ckpt", 1], "text": PROMPT}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}},
-        "sample": {"class_type": "KSampler", "inputs": {
-            "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0],
-            "latent_image": ["latent", 0], "seed": 1, "steps": 8, "cfg": 5.0,
-            "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "infsplign_demo"}},
-    }
+def parse_prompt(evaluation, text: str):
+    for p in evaluation.all_prompts():
+        if p.text == text:
+            return p
+    raise SystemExit(f'"{text}" is not a demo prompt: write "a <colour> <shape> <relation> a '
+                     f'<colour> <shape>" with colours red, green, blue, yellow, purple, white, shapes '
+                     f'circle, square, triangle, relations "to the left of", "to the right of", "above", "below".')
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt", action="append", help="a relation prompt (repeatable); default: 8 built-in ones")
+    ap.add_argument("--out", type=Path, default=OUT)
+    a = ap.parse_args()
     t0 = time.monotonic()
-    checkpoints = OUT / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(checkpoints)
+    evaluation, scorer = demo_modules()
+    prompts = [parse_prompt(evaluation, t) for t in (a.prompt or DEFAULT_PROMPTS)]
+    images_dir = a.out / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
     say("starting ComfyUI (main.py --cpu) with the pack on a loopback port")
-    server = Server(OUT, checkpoints=checkpoints)
+    server = Server(a.out)
+    unguided, guided = [], []
     try:
         server.wait_ready()
-        say(f"server up at {server.base}; queueing the workflow: {PROMPT!r}")
-        entry = server.run(workflow())
-        if entry["status"]["status_str"] != "success":
-            say(f"the workflow failed: {entry['status']['messages']}")
-            return 1
-        say("Spatial Relation Parse says:\n" + entry["outputs"]["parse"]["text"][0])
-        for image in entry["outputs"]["save"]["images"]:
-            say(f"image written to {server.output / image['subfolder'] / image['filename']}")
-        say(f"server log: {server.log_path}")
+        api = wf.to_api(wf.load(WORKFLOW), server.get("/object_info"))
+        say(f"server up at {server.base}; workflow {WORKFLOW.relative_to(ROOT)}")
+        for i, p in enumerate(prompts, 1):
+            api[TEXT_NODE]["inputs"]["value"] = p.text
+            started = time.monotonic()
+            entry = server.run(api)
+            if entry["status"]["status_str"] != "success":
+                say(f"the workflow failed: {entry['status']['messages']}")
+                return 1
+            rows = [np.asarray(Image.open(server.output / im["subfolder"] / im["filename"]).convert("RGB"))
+                    for im in entry["outputs"][SAVE_NODE]["images"]]
+            half = (rows[0].shape[1] - 8) // 2
+            unguided.append(evaluation.score_images(p, [r[:, :half] / 255.0 for r in rows]))
+            guided.append(evaluation.score_images(p, [r[:, -half:] / 255.0 for r in rows]))
+            sheet = images_dir / f"{i:02d}_{p.text.replace(' ', '_')}.png"
+            Image.fromarray(np.concatenate(rows, axis=0)).save(sheet)
+            right_u = sum(s.correct for s in unguided[-1])
+            right_g = sum(s.correct for s in guided[-1])
+            say(f"[{i}/{len(prompts)}] {p.text!r}: relation right in {right_u}/4 unguided, "
+                f"{right_g}/4 guided ({time.monotonic() - started:.0f} s) -> {sheet}")
+        say("Spatial Relation Parse, last prompt:\n" + entry["outputs"][PARSE_NODE]["text"][0])
     finally:
         server.stop()
+    print()
+    print(evaluation.table(unguided, guided))
+    print()
+    say(f"side-by-side images (rows: seeds; left unguided, right InfSplign): {images_dir}")
+    say(f"server log: {server.log_path}")
     say(f"done in {time.monotonic() - t0:.0f} s")
     return 0
 

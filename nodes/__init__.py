@@ -1,4 +1,5 @@
 """ComfyUI glue: node schemas and wiring; the method itself lives in guidance/."""
+from .demo_model import DemoModelLoader
 from .guidance_nodes import Apply, AttentionCapture, Guider
 from .relation_parse import RelationParse
 
@@ -7,10 +8,12 @@ NODE_CLASS_MAPPINGS = {
     "InfSplignAttentionCapture": AttentionCapture,
     "InfSplignGuider": Guider,
     "InfSplignApply": Apply,
+    "InfSplignDemoModelLoader": DemoModelLoader,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "InfSplignRelationParse": "Spatial Relation Parse",
     "InfSplignAttentionCapture": "Attention Capture Patch",
     "InfSplignGuider": "InfSplign Guider",
     "InfSplignApply": "InfSplign (KSampler)",
+    "InfSplignDemoModelLoader": "InfSplign Demo Model",
 }

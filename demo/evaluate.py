@@ -1,0 +1,156 @@
+"""VISOR evaluation of InfSplign on the demo model, through ComfyUI's real executor.
+
+    .venv/bin/python demo/evaluate.py                 # 52 evaluation prompts x 4 seeds, both arms
+    .venv/bin/python demo/evaluate.py --tune          # the tuning grid, on the tuning prompts
+    .venv/bin/python demo/evaluate.py --prompts 8     # a quick look
+
+Each prompt runs the example workflow d (unguided and guided KSampler from the same seed,
+batch of 4: the four seeds of a prompt are the batch's four initial noises) in-process with
+execution.PromptExecutor, as a server does. Images are scored by the shapes-world detector
+(demo_world/scorer.py). The unguided samples are also probed for localisation: each sample
+is noised again (sigma 1 and 3) and the UNet's word attention (decoder output blocks 3-8)
+is read; an object counts when its words' attention centroid is nearer its own detected
+centre than the other object's.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "host")]
+
+import comfy_host  # noqa: E402
+import ui_workflow as wf  # noqa: E402
+
+WORKFLOW = ROOT / "example_workflows" / "d_demo_model_unguided_vs_guided.json"
+TEXT, LATENT, APPLY, PLAIN, GUIDED, SAVE = "2", "6", "7", "8", "9", "13"
+SETTING_NAMES = ("strength", "loss", "alpha", "margin", "orthogonal", "presence_weight",
+                 "balance_weight", "start_percent", "end_percent")
+TUNING_GRID = {"strength": (300.0, 1000.0, 3000.0), "end_percent": (0.25, 0.5)}
+
+
+class Evaluator:
+    def __init__(self, out: Path):
+        comfy_host.boot()
+        comfy_host.set_output_directory(out)
+        from testkit.pack import module
+        self.evaluation = module("demo_world.evaluation")
+        self.scorer = module("demo_world.scorer")
+        self.training = module("demo_world.training")
+        self.demo = module("demo_world.model")
+        self.world = module("demo_world.world")
+        self.session = comfy_host.Session()
+        self.api = wf.to_api(wf.load(WORKFLOW), wf.local_object_info())
+        self.out = out
+        self._model = None
+
+    def run(self, prompt, seed: int, settings: dict, guided_only: bool = False):
+        """(unguided images, guided images) of one prompt, 4 seeds each, (H, W, 3) in [0, 1]."""
+        api = json.loads(json.dumps(self.api))
+        api[TEXT]["inputs"]["value"] = prompt.text
+        api[PLAIN]["inputs"]["seed"] = api[GUIDED]["inputs"]["seed"] = seed
+        api[APPLY]["inputs"].update(settings)
+        if guided_only:  # no unguided branch: decode and save the guided images only
+            api["13"]["inputs"]["images"] = ["11", 0]
+            for node in ("8", "10", "12"):
+                api.pop(node)
+        run = self.session.execute(api)
+        if not run.success:
+            raise RuntimeError(f"{prompt.text!r}: {run.error()}")
+        images = [np.asarray(Image.open(self.out / im["subfolder"] / im["filename"]).convert("RGB")) / 255.0
+                  for im in run.outputs[SAVE]["images"]]
+        if guided_only:
+            return None, images
+        half = (images[0].shape[1] - 8) // 2
+        return [im[:, :half] for im in images], [im[:, -half:] for im in images]
+
+    def localisation(self, prompt, images) -> list[bool]:
+        """Per detected object of each unguided image: is its word-attention centroid nearer
+        its own centre than the other object's? (sigma 1 and 3, decoder blocks 3-8)."""
+        import torch
+        if self._model is None:
+            model, clip, vae = self.demo.load(dtype=torch.float32)
+            self._model = (model.model, clip, vae)
+        base, clip, vae = self._model
+        results = []
+        ids = self.training.token_ids(clip, prompt.text)
+        groups = (self.training.positions(ids, clip, " ".join(prompt.a)),
+                  self.training.positions(ids, clip, " ".join(prompt.b)))
+        with torch.no_grad():
+            context = self.training.encode(clip, [ids])
+            for img in images:
+                dets = self.scorer.detect(img)
+                da, db = self.scorer.find(dets, *prompt.a), self.scorer.find(dets, *prompt.b)
+                if da is None or db is None:
+                    continue
+                size = img.shape[0]
+                centres = torch.tensor([[[da.cx / size, da.cy / size], [db.cx / size, db.cy / size]]])
+                x0 = self.world.latent_signal(torch.tensor(img, dtype=torch.float32).permute(2, 0, 1)[None])
+                for sigma in (1.0, 3.0):
+                    g = torch.Generator().manual_seed(0)
+                    x = x0 + torch.randn(x0.shape, generator=g) * sigma
+                    probs = self.training.attention_probs(base, x, torch.tensor([sigma]), context)
+                    cents = self.training.word_centroids(probs, [groups])
+                    results += self.training.nearer_own(cents, centres)[0].tolist()
+        return results
+
+
+def settings_from(args) -> dict:
+    return {k: getattr(args, k) for k in SETTING_NAMES if getattr(args, k) is not None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=52)
+    ap.add_argument("--tune", action="store_true", help="run the tuning grid on the tuning prompts")
+    ap.add_argument("--tune-prompts", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=ROOT / "output" / "evaluate")
+    for name in SETTING_NAMES:
+        ap.add_argument(f"--{name.replace('_', '-')}", dest=name,
+                        type=str if name in ("loss", "orthogonal") else float, default=None)
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    ev = Evaluator(a.out)
+    evaluation_prompts, tuning_prompts = ev.evaluation.prompt_sets(a.prompts, a.tune_prompts)
+    t0 = time.monotonic()
+
+    if a.tune:
+        print(f"tuning on {len(tuning_prompts)} tuning prompts x 4 seeds (noise seed "
+              f"{ev.evaluation.TUNING_NOISE_SEED}), guided arm only", flush=True)
+        for values in itertools.product(*TUNING_GRID.values()):
+            settings = {**settings_from(a), **dict(zip(TUNING_GRID, values))}
+            scores = [ev.evaluation.score_images(p, ev.run(p, ev.evaluation.TUNING_NOISE_SEED, settings, True)[1])
+                      for p in tuning_prompts]
+            m = ev.scorer.visor(scores)
+            print(f"{settings}: OA {m['OA']:.1f}  VISOR_cond {m['VISOR_cond']:.1f}  "
+                  f"VISOR_uncond {m['VISOR_uncond']:.1f}  ({time.monotonic() - t0:.0f} s)", flush=True)
+        return 0
+
+    settings = settings_from(a)
+    print(f"evaluating {len(evaluation_prompts)} prompts x 4 seeds (noise seed "
+          f"{ev.evaluation.EVAL_NOISE_SEED}), settings {settings or 'node defaults'}", flush=True)
+    unguided, guided, local = [], [], []
+    for i, p in enumerate(evaluation_prompts, 1):
+        u, g = ev.run(p, ev.evaluation.EVAL_NOISE_SEED, settings)
+        unguided.append(ev.evaluation.score_images(p, u))
+        guided.append(ev.evaluation.score_images(p, g))
+        local += ev.localisation(p, u)
+        if i % 4 == 0 or i == len(evaluation_prompts):
+            print(f"  {i}/{len(evaluation_prompts)} prompts ({time.monotonic() - t0:.0f} s)", flush=True)
+    print()
+    print(ev.evaluation.table(unguided, guided))
+    print(f"\nlocalisation (unguided samples, both objects detected): {100 * sum(local) / max(len(local), 1):.1f}% "
+          f"of {len(local)} object-probes have their word-attention centroid nearer their own centre")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
