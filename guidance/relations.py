@@ -6,6 +6,7 @@ with the tokenizer of the CLIP that encodes the prompt.
 """
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ located positioned put set just directly slightly far
 """.split())
 _MAX_OBJECT_WORDS = 3
 _MAX_TEXT = 20_000  # characters read; a longer prompt is refused with a clear message
+_MAX_RELATIONS = 32  # relations in one prompt; more is refused (and would cost quadratic time)
 
 _WEIGHT = re.compile(r":\s*-?\d+(?:\.\d*)?\s*(?=\))")  # the ":1.3" of "(red car:1.3)"
 _BRACKETS = re.compile(r"(?<!\\)[()\[\]]")
@@ -69,13 +71,25 @@ def strip_weight_syntax(text: str) -> str:
     return _BRACKETS.sub(" ", _WEIGHT.sub("", text)).replace("\\(", "(").replace("\\)", ")")
 
 
+def _alternatives(phrases) -> str:
+    return "|".join(r"\s+".join(map(re.escape, p.split())) for p in sorted(phrases, key=len, reverse=True))
+
+
 def _phrase_pattern(phrases: tuple[str, ...]) -> re.Pattern[str]:
-    alternatives = sorted(phrases, key=len, reverse=True)
-    body = "|".join(r"\s+".join(map(re.escape, p.split())) for p in alternatives)
+    return re.compile(rf"(?<![\w-])(?:{_alternatives(phrases)})(?![\w-])", re.IGNORECASE)
+
+
+def _relation_pattern() -> re.Pattern[str]:
+    """Every phrasing, longest first, in a named group per relation: the match says which
+    relation it is (m.lastgroup), however its letters are cased. (Case-insensitive
+    matching accepts letters whose lower() is not the phrasing's, e.g. "ſ" for "s", so the
+    matched text itself is no key to look the relation up by.)"""
+    order = sorted(((p, r) for r, ps in PHRASINGS.items() for p in ps), key=lambda pr: len(pr[0]), reverse=True)
+    body = "|".join(rf"(?P<{r}_{i}>{_alternatives([p])})" for i, (p, r) in enumerate(order))
     return re.compile(rf"(?<![\w-])(?:{body})(?![\w-])", re.IGNORECASE)
 
 
-_RELATION_RE = _phrase_pattern(tuple(p for ps in PHRASINGS.values() for p in ps))
+_RELATION_RE = _relation_pattern()
 _DEPTH_RE = _phrase_pattern(DEPTH_PHRASINGS)
 _CANONICAL = {" ".join(p.split()): r for r, ps in PHRASINGS.items() for p in ps}
 
@@ -121,8 +135,7 @@ def _joined_to_previous(segment: str) -> bool:
 
 def count_mentions(text: str, phrase: str, end: int | None = None) -> int:
     """How often `phrase` occurs as whole words in text[:end] (case-insensitive)."""
-    pattern = r"(?<![\w-])" + r"\s+".join(map(re.escape, phrase.split())) + r"(?![\w-])"
-    return len(re.findall(pattern, text[:end], re.IGNORECASE))
+    return len(re.findall(_mention_pattern(phrase), text[:end], re.IGNORECASE))
 
 
 def parse_relations(text: str) -> list[Relation]:
@@ -141,6 +154,7 @@ def parse_relations(text: str) -> list[Relation]:
             f'"{depth.group(0)}" is a depth relation: InfSplign moves objects in the image '
             f"plane and cannot express it. Use one of: {', '.join(RELATIONS)}.")
     matches = list(_RELATION_RE.finditer(clean))
+    mentions = _Mentions(clean)
     relations: list[Relation] = []
     previous_end = 0
     for k, m in enumerate(matches):
@@ -150,16 +164,22 @@ def parse_relations(text: str) -> list[Relation]:
         a_end = m.start()
         if not a and relations and _joined_to_previous(before):
             a = relations[-1].object_a
-            a_end = _mention_end(clean, a, relations[-1].occurrence_a)
+            a_end = mentions.end_of(a, relations[-1].occurrence_a)
         b = _object_after(clean[m.end():next_start])
         previous_end = m.end()
         if not a or not b:
             continue
-        canonical = _CANONICAL[" ".join(m.group(0).lower().split())]
+        canonical = m.lastgroup.rsplit("_", 1)[0]
         relations.append(Relation(
             a, canonical, b,
-            occurrence_a=count_mentions(clean, a, a_end) - 1,
-            occurrence_b=count_mentions(clean, b, m.end())))
+            # 0 when the words of A are not written next to each other ("1e+16 embedding")
+            occurrence_a=max(mentions.count(a, a_end) - 1, 0),
+            occurrence_b=mentions.count(b, m.end())))
+        if len(relations) > _MAX_RELATIONS:
+            raise RelationError(
+                f"The prompt holds more than {_MAX_RELATIONS} spatial relations; Spatial Relation Parse "
+                f"reads at most {_MAX_RELATIONS}. Keep the relations that matter in the text, or set "
+                "object_a, relation and object_b on the node.")
     if not relations:
         shown = clean if len(clean) <= 120 else clean[:117] + "..."
         raise RelationError(
@@ -169,10 +189,30 @@ def parse_relations(text: str) -> list[Relation]:
     return relations
 
 
-def _mention_end(text: str, phrase: str, occurrence: int) -> int:
-    pattern = r"(?<![\w-])" + r"\s+".join(map(re.escape, phrase.split())) + r"(?![\w-])"
-    found = list(re.finditer(pattern, text, re.IGNORECASE))
-    return found[occurrence].end() if occurrence < len(found) else len(text)
+class _Mentions:
+    """count_mentions for many phrases of one text, each phrase searched once (a prompt of
+    many relations stays linear in their number, not quadratic)."""
+
+    def __init__(self, text: str):
+        self.text, self._ends = text, {}
+
+    def _all(self, phrase: str) -> list[int]:
+        if phrase not in self._ends:
+            self._ends[phrase] = [m.end() for m in re.finditer(_mention_pattern(phrase), self.text, re.IGNORECASE)]
+        return self._ends[phrase]
+
+    def count(self, phrase: str, end: int) -> int:
+        """Mentions of `phrase` that end at or before `end` (as count_mentions(text, phrase, end)
+        where text[end] cannot continue a word, which holds at every call site)."""
+        return bisect.bisect_right(self._all(phrase), end)
+
+    def end_of(self, phrase: str, occurrence: int) -> int:
+        ends = self._all(phrase)
+        return ends[occurrence] if occurrence < len(ends) else len(self.text)
+
+
+def _mention_pattern(phrase: str) -> str:
+    return r"(?<![\w-])" + r"\s+".join(map(re.escape, phrase.split())) + r"(?![\w-])"
 
 
 def canonical_relation(name: str) -> str:
