@@ -62,13 +62,23 @@ class TokenPositionError(ValueError):
 
 @dataclass
 class CaptureStore:
-    """Maps of one sampling run's current step; `capturing` is on only while a step needs them."""
+    """Maps of one sampling run's current step; `capturing` is on only while a step needs them.
+
+    The ComfyUI glue narrows `capturing` to the sampler's own cond forward of a step (not the
+    extra passes of SelfAttentionGuidance or PerturbedAttentionGuidance) and to calls that
+    see the whole latent; `step_active`, `latent_hw` and `cropped_calls` are its bookkeeping.
+    """
 
     relations: SpatialRelations
     layers: tuple[Layer, ...]
     groups: tuple[tuple[int, ...], ...] = ()
     pairs: tuple[Pair, ...] = ()
     capturing: bool = False
+    step_active: bool = False  # inside a guided (or observed) step's prediction
+    latent_hw: tuple[int, ...] | None = None  # spatial size of the whole latent of this step
+    cropped_calls: int = 0  # attn2 calls of cond rows skipped because they saw a crop (area conds)
+    warned_crop: bool = False
+    controlled: bool = False  # this step's forward adds ControlNet residuals to the skips
     _maps: dict[Layer, list[Tensor]] = field(default_factory=lambda: defaultdict(list))
 
     def __post_init__(self):

@@ -90,6 +90,11 @@ class StepReport:
     grad_norm: float = 0.0
     applied: bool = False
     skipped: str = ""
+    maps_dtype: str = ""  # dtype of the attention maps and the loss (float32 whatever the model's)
+    batch: int = 0  # images whose maps the loss read
+
+
+NO_MAPS = "no attention maps were captured for this step"
 
 
 def _report(layers, store: CaptureStore, settings: GuidanceSettings, sigma: Tensor, loss: Tensor) -> StepReport:
@@ -97,7 +102,13 @@ def _report(layers, store: CaptureStore, settings: GuidanceSettings, sigma: Tens
     with torch.no_grad():
         detached = [(level, maps.detach()) for level, maps in layers]
         spatial = step_loss(detached, store.pairs, spatial_only)
-    return StepReport(float(sigma.max()), float(loss.detach()), float(spatial))
+    return StepReport(float(sigma.max()), float(loss.detach()), float(spatial),
+                      maps_dtype=str(layers[0][1].dtype).removeprefix("torch."), batch=layers[0][1].shape[0])
+
+
+def _unguided(sigma: Tensor) -> StepReport:
+    nan = float("nan")
+    return StepReport(float(sigma.max()), nan, nan, skipped=NO_MAPS)
 
 
 def guided_step(predict: Callable[[Tensor], Tensor], x: Tensor, sigma: Tensor,
@@ -108,7 +119,8 @@ def guided_step(predict: Callable[[Tensor], Tensor], x: Tensor, sigma: Tensor,
     It runs once with autograd recording; the loss on the captured cond maps is
     differentiated once w.r.t. x (one backward, no second forward), and Eq. 6 is applied
     to the detached prediction. Strength 0 only observes the loss. A non-finite loss or
-    gradient leaves the prediction unguided and says so in the report.
+    gradient, or a step on which no maps were captured, leaves the prediction unguided and
+    says so in the report.
     """
     store.capturing = True
     try:
@@ -116,12 +128,16 @@ def guided_step(predict: Callable[[Tensor], Tensor], x: Tensor, sigma: Tensor,
             with torch.no_grad():
                 denoised = predict(x)
                 layers = store.take()
+                if not layers:
+                    return denoised, _unguided(sigma)
                 return denoised, _report(layers, store, settings, sigma, step_loss(layers, store.pairs, settings.loss))
         with grad_enabled():
             x_leaf = grad_leaf(x)
             denoised = predict(x_leaf)
             store.capturing = False
             layers = store.take()
+            if not layers:  # e.g. every cond saw only a crop of the latent: nothing to guide on
+                return denoised.detach(), _unguided(sigma)
             loss = step_loss(layers, store.pairs, settings.loss)
             report = _report(layers, store, settings, sigma, loss)
             if not torch.isfinite(loss):

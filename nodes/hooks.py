@@ -12,6 +12,15 @@ Both are keyed wrappers (they compose with other packs' wrappers; the single
   run with autograd and its uncond rows under no_grad, in the same calc_cond_batch call.
   The loss reads cond rows only, so the one backward pass then runs on half the batch and
   the forward keeps activations for half the batch (bench/ measures what this saves).
+
+What a step records: only the first calc_cond_batch of the step, which is the sampler's own
+cond/uncond forward. Other model passes inside the same prediction (SelfAttentionGuidance's
+blurred pass, PerturbedAttentionGuidance's perturbed pass, both post-CFG functions) run
+unrecorded and without autograd. Cond rows computed on a crop of the latent (area
+conditioning, or a mask with "mask bounds") are not recorded either: their attention maps
+describe the crop, not the image, so the centroids would be in the wrong frame. Guidance
+reads the conds over the whole latent; when there are none, the step runs unguided, and a
+warning says so once per run.
 """
 from __future__ import annotations
 
@@ -25,7 +34,7 @@ from comfy.patcher_extension import WrappersMP
 from ..guidance.autograd import make_autograd_safe
 from ..guidance.capture import CaptureStore, Layer
 from ..guidance.relations import SpatialRelations
-from ..guidance.step import GuidanceSettings, guided_step, in_window
+from ..guidance.step import NO_MAPS, GuidanceSettings, guided_step, in_window
 
 log = logging.getLogger("infsplign")
 
@@ -44,8 +53,13 @@ def capture_patch(store: CaptureStore, layer: Layer, previous=None):
             out = attention.optimized_attention(q, k, v, extra_options["n_heads"],
                                                 attn_precision=extra_options.get("attn_precision"),
                                                 transformer_options=extra_options)
-        store.record(layer, q, k, extra_options["n_heads"], extra_options["cond_or_uncond"],
-                     tuple(extra_options["activations_shape"][-2:]))
+        if store.capturing and 0 in extra_options["cond_or_uncond"]:
+            seen = tuple(extra_options.get("original_shape", ())[2:])
+            if store.latent_hw is not None and seen and seen != store.latent_hw:
+                store.cropped_calls += 1  # an area-cropped cond: maps of the crop, not the image
+            else:
+                store.record(layer, q, k, extra_options["n_heads"], extra_options["cond_or_uncond"],
+                             tuple(extra_options["activations_shape"][-2:]))
         return out
     return attn2
 
@@ -63,6 +77,46 @@ def stop_graph_after(store: CaptureStore):
     return patch
 
 
+def copy_skips(store: CaptureStore):
+    """input_block_patch_after_skip: on a guided step whose forward carries ControlNet
+    residuals, the next block reads a copy of each skip connection. ComfyUI adds the
+    residuals to the stored skips in place (openaimodel.apply_control), and autograd refuses
+    that when the next block saved the same tensor for its backward pass."""
+    def patch(h, transformer_options):
+        if store.capturing and store.controlled and torch.is_grad_enabled():
+            return h.clone()
+        return h
+    return patch
+
+
+def autograd_guard(store: CaptureStore, patch):
+    """Another pack's UNet block patch, made safe for the guided step's backward pass.
+
+    Some patches write into the tensors they were given or computed with (FreeU and
+    FreeU_V2 scale half of the channels with `h[:, :k] = h[:, :k] * s`), which autograd
+    refuses at backward time ("modified by an inplace operation"). On a guided step the
+    patch runs on copies; when it wrote into them, its output values are kept exactly and
+    the gradient passes through it as through the identity (straight-through). Patches that
+    write nothing keep their exact gradient; outside guided steps nothing changes."""
+    def guarded(*args):
+        if not (store.capturing and torch.is_grad_enabled()):
+            return patch(*args)
+        *tensors, options = args
+        copies = [t.clone() for t in tensors]
+        versions = [c._version for c in copies]
+        out = patch(*copies, options)
+        if [c._version for c in copies] == versions:
+            return out
+        outs = out if isinstance(out, tuple) else (out,)
+        through = tuple(t + (o.detach() - t.detach()) if o.shape == t.shape else o.detach()
+                        for t, o in zip(tensors, outs))
+        return through if isinstance(out, tuple) else through[0]
+    return guarded
+
+
+BLOCK_PATCHES = ("input_block_patch", "input_block_patch_after_skip", "output_block_patch")
+
+
 def _install_capture(model_options: dict, store: CaptureStore) -> None:
     options = model_options.setdefault("transformer_options", {})
     replace = options.setdefault("patches_replace", {}).setdefault("attn2", {})
@@ -70,7 +124,12 @@ def _install_capture(model_options: dict, store: CaptureStore) -> None:
         key = ("output", layer.block, layer.transformer)
         previous = replace.get(key, replace.get(("output", layer.block)))
         replace[key] = capture_patch(store, layer, previous)
-    options.setdefault("patches", {}).setdefault("output_block_patch", []).append(stop_graph_after(store))
+    patches = options.setdefault("patches", {})
+    for name in BLOCK_PATCHES:  # (per-run lists: the model's own stay as they are)
+        if patches.get(name):
+            patches[name] = [autograd_guard(store, p) for p in patches[name]]
+    patches.setdefault("output_block_patch", []).append(stop_graph_after(store))
+    patches.setdefault("input_block_patch_after_skip", []).append(copy_skips(store))
     options[RUN_KEY] = store
 
 
@@ -106,8 +165,21 @@ def guidance_wrapper(relations: SpatialRelations, settings: GuidanceSettings):
             return executor(x, timestep, model_options, seed)
         if settings.strength > 0:
             make_autograd_safe(guider.inner_model)
-        denoised, report = guided_step(lambda xx: executor(xx, timestep, model_options, seed),
-                                       x, timestep, store, settings)
+        store.step_active, store.latent_hw, cropped = True, tuple(x.shape[2:]), store.cropped_calls
+        try:
+            # On a guided step the sampler's sigma, an inference tensor, is given as a normal
+            # copy: post-CFG and cfg functions (RescaleCFG) compute with it and the latent.
+            denoised, report = guided_step(
+                lambda xx: executor(xx, timestep.clone() if xx.requires_grad else timestep, model_options, seed),
+                x, timestep, store, settings)
+        finally:
+            store.step_active = False
+        if store.cropped_calls > cropped and not store.warned_crop:
+            store.warned_crop = True
+            log.warning("InfSplign: a positive conditioning covers only part of the latent (ConditioningSetArea, "
+                        "or ConditioningSetMask with mask bounds); its attention maps show the crop, not the "
+                        "image, so it is not guided. InfSplign guides the conditionings over the whole image%s.",
+                        "" if report.skipped != NO_MAPS else "; there are none here, so this run is unguided")
         if report.skipped:
             log.warning("InfSplign skipped guidance at sigma %.4f: %s; this step runs unguided.",
                         sigma, report.skipped, extra={"infsplign": report})
@@ -119,16 +191,51 @@ def guidance_wrapper(relations: SpatialRelations, settings: GuidanceSettings):
     return predict_noise
 
 
+def control_modules(conds):
+    """The torch modules of every ControlNet / T2I-Adapter / Control-LoRA on these conds
+    (each ControlNet chain followed through previous_controlnet), once each."""
+    seen, modules = set(), []
+    for cond in conds:
+        for entry in cond or ():
+            control = entry.get("control")
+            while control is not None and id(control) not in seen:
+                seen.add(id(control))
+                for name in ("control_model", "t2i_model"):
+                    module = getattr(control, name, None)
+                    if isinstance(module, torch.nn.Module) and all(module is not m for m in modules):
+                        modules.append(module)
+                control = getattr(control, "previous_controlnet", None)
+    return modules
+
+
 def split_cond_batch(executor, model, conds, x_in, timestep, model_options):
-    """Cond rows with autograd, the other conds (uncond) without, on a guided step."""
+    """The sampler's own forward of a guided step: recorded; cond rows with autograd, the
+    other conds (uncond) without. Later model passes of the step: unrecorded, no autograd."""
     store = model_options.get("transformer_options", {}).get(RUN_KEY)
-    guided = store is not None and store.capturing and torch.is_grad_enabled()
-    if not guided or len(conds) < 2 or all(c is None for c in conds[1:]):
+    if store is None or not store.step_active:
         return executor(model, conds, x_in, timestep, model_options)
-    first = executor(model, [conds[0]] + [None] * (len(conds) - 1), x_in, timestep, model_options)
-    with torch.no_grad():
-        rest = executor(model, [None, *conds[1:]], x_in.detach(), timestep, model_options)
-    return [first[0], *rest[1:]]
+    if not store.capturing:
+        # a further pass inside this step's prediction (SelfAttentionGuidance's blurred pass,
+        # PerturbedAttentionGuidance's perturbed pass): the loss does not read it
+        with torch.no_grad():
+            return executor(model, conds, x_in, timestep, model_options)
+    try:
+        if not torch.is_grad_enabled():
+            return executor(model, conds, x_in, timestep, model_options)
+        # ControlNets loaded inside the executor hold inference tensors, like the UNet
+        controls = control_modules(conds)
+        for module in controls:
+            make_autograd_safe(module)
+        store.controlled = bool(controls)
+        if len(conds) < 2 or all(c is None for c in conds[1:]):
+            return executor(model, conds, x_in, timestep, model_options)
+        first = executor(model, [conds[0]] + [None] * (len(conds) - 1), x_in, timestep, model_options)
+        store.capturing = False
+        with torch.no_grad():
+            rest = executor(model, [None, *conds[1:]], x_in.detach(), timestep, model_options)
+        return [first[0], *rest[1:]]
+    finally:
+        store.capturing = False  # only the sampler's own forward of a step is recorded
 
 
 def has_capture(model) -> bool:

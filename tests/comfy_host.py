@@ -80,7 +80,7 @@ class Session:
         import execution
         prompt_id = str(uuid.uuid4())
         valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-        if not valid[0]:
+        if not valid[0] or valid[3]:  # an output with node errors is silently dropped: refuse it
             raise AssertionError(f"prompt rejected by validate_prompt: {valid[1]} {valid[3]}")
         self.sink.messages = []
         self.executor.execute(prompt, prompt_id, {"client_id": "tests"}, valid[2])

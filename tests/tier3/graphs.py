@@ -68,3 +68,83 @@ def custom_guided(ckpt: str, text: str = "a cat to the left of a dog", seed: int
         "save_latent": {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": "t"}},
     })
     return g
+
+
+def workflow(ckpt: str, path: str = "ksampler", text: str = "a cat to the left of a dog", seed: int = 7,
+             steps: int = 3, width: int = 64, height: int = 64, batch: int = 1, cfg: float = 5.0,
+             sampler: str = "euler", scheduler: str = "normal", denoise: float = 1.0,
+             guided: bool = True, **settings) -> dict:
+    """A small txt2img graph on either sampler path, ending in SaveLatent ("save_latent").
+
+    path "ksampler": [InfSplign (KSampler) "apply"] -> KSampler "sample";
+    path "custom": InfSplign Guider (or CFGGuider when not guided) "guider" ->
+    SamplerCustomAdvanced "sample". Guidance settings default to DEFAULTS with
+    end_percent 1.0, so every step of these short runs is guided.
+    """
+    settings = {**DEFAULTS, "end_percent": 1.0, **settings}
+    g = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": text}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": ""}},
+        "parse": {"class_type": "InfSplignRelationParse", "inputs": {"clip": ["ckpt", 1], "text": text}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": batch}},
+    }
+    if path == "ksampler":
+        if guided:
+            g["apply"] = {"class_type": "InfSplignApply", "inputs": {
+                "model": ["ckpt", 0], "relations": ["parse", 0], **settings}}
+        g["sample"] = {"class_type": "KSampler", "inputs": {
+            "model": ["apply", 0] if guided else ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0],
+            "latent_image": ["latent", 0], "seed": seed, "steps": steps, "cfg": cfg,
+            "sampler_name": sampler, "scheduler": scheduler, "denoise": denoise}}
+    elif path == "custom":
+        if guided:
+            g["guider"] = {"class_type": "InfSplignGuider", "inputs": {
+                "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0],
+                "relations": ["parse", 0], "cfg": cfg, **settings}}
+        else:
+            g["guider"] = {"class_type": "CFGGuider", "inputs": {
+                "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "cfg": cfg}}
+        g.update({
+            "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+            "sampler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": sampler}},
+            "sigmas": {"class_type": "BasicScheduler", "inputs": {
+                "model": ["ckpt", 0], "scheduler": scheduler, "steps": steps, "denoise": denoise}},
+            "sample": {"class_type": "SamplerCustomAdvanced", "inputs": {
+                "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["sampler", 0],
+                "sigmas": ["sigmas", 0], "latent_image": ["latent", 0]}},
+        })
+    else:
+        raise ValueError(f"path {path!r}: 'ksampler' or 'custom'")
+    g["save_latent"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": "t"}}
+    return g
+
+
+def model_consumer(g: dict) -> str:
+    """The node whose `model` input takes the (patched) model: the InfSplign node when the
+    graph is guided, else the sampler or the plain guider."""
+    for node in ("apply", "guider", "sample"):
+        if node in g and "model" in g[node]["inputs"]:
+            return node
+    raise KeyError("no model consumer")
+
+
+def insert_model_patch(g: dict, node_id: str, class_type: str, after: str | None = None, **inputs) -> dict:
+    """Put a MODEL -> MODEL node in front of the model consumer (or of node `after`'s consumer,
+    i.e. between `after` and the node that reads it)."""
+    consumer = model_consumer(g) if after is None else next(
+        n for n, node in g.items() if node["inputs"].get("model") == [after, 0])
+    g[node_id] = {"class_type": class_type, "inputs": {"model": g[consumer]["inputs"]["model"], **inputs}}
+    g[consumer]["inputs"]["model"] = [node_id, 0]
+    return g
+
+
+def cond_consumer(g: dict) -> str:
+    return "guider" if "guider" in g else "sample"
+
+
+def set_latent(g: dict, node_id: str, node: dict) -> dict:
+    """Replace the sampler's latent input by `node` (its output 0)."""
+    g[node_id] = node
+    g["sample"]["inputs"]["latent_image"] = [node_id, 0]
+    return g
