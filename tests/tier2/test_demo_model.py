@@ -20,10 +20,11 @@ def test_fixed_vae_encodes_cell_means_and_decodes_detectable_shapes(demo):
     rng = random.Random(3)
     scenes = [world.random_scene(rng) for _ in range(12)]
     images = world.render(scenes)
-    raw = vae.encode(images.permute(0, 2, 3, 1))
+    with torch.no_grad():
+        raw = vae.encode(images.permute(0, 2, 3, 1))
+        decoded = vae.decode(raw).float()
     assert raw.shape == (12, 4, 16, 16)
     assert torch.allclose(raw * model.SCALE, world.latent_signal(images), atol=1e-5)
-    decoded = vae.decode(raw).float()
     assert decoded.shape == (12, 128, 128, 3) and torch.isfinite(decoded).all()
     found = sum(scorer.find(scorer.detect(img.numpy()), t.color, t.shape) is not None
                 for s, img in zip(scenes, decoded) for t in (s.a, s.b))
