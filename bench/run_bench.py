@@ -14,6 +14,7 @@ naive step (the plain forward plus a second, separate forward with autograd).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -137,7 +138,10 @@ def naive_wrapper(settings):
 
 def variants(model, end_percent=0.25):
     settings = {**SETTINGS, "end_percent": end_percent}
-    current = guidance_nodes._guided_model(model, RELATIONS, settings)
+    # the relations as Spatial Relation Parse gives them for this model's CLIP family
+    family = module("nodes.unet_layers").family(model)
+    relations = dataclasses.replace(RELATIONS, encoder=module("nodes.unet_layers").ENCODERS[family])
+    current = guidance_nodes._guided_model(model, relations, settings)
     batched = current.clone()
     batched.remove_wrappers_with_key(WrappersMP.CALC_COND_BATCH, hooks.SPLIT_KEY)
     naive = current.clone()

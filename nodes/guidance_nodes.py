@@ -53,7 +53,7 @@ def _optional() -> dict:
 
 
 def _guided_model(model, relations, settings: dict):
-    unet_layers.family(model)  # a clear error for non-UNet models, before anything is patched
+    unet_layers.check_relations(model, relations)  # clear errors before anything is patched
     gs = make_settings(model, **settings)
     return hooks.with_guidance(model, relations, gs, lambda: unet_layers.select_layers(model, "auto"))
 
@@ -82,6 +82,7 @@ class AttentionCapture:
         }
 
     def patch(self, model, relations, layers, custom_layers=""):
+        unet_layers.check_relations(model, relations)
         chosen = unet_layers.select_layers(model, layers, custom_layers)
         return (hooks.with_capture(model, relations, chosen),)
 

@@ -20,6 +20,8 @@ PRESETS = ("auto", "coarse", "coarse+mid", "all decoder", "custom")
 PRESET_LEVELS = {"auto": ("coarse", "mid"), "coarse": ("coarse",), "coarse+mid": ("coarse", "mid"),
                  "all decoder": ("coarse", "mid", "fine")}
 FAMILIES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+# The tokenizers of each family's CLIP, as nodes/tokens.encoder_family names them.
+ENCODERS = {"sd1": "clip_l", "sd2": "clip_h", "sdxl": "clip_g+clip_l"}
 
 
 class UnsupportedModel(ValueError):
@@ -40,6 +42,21 @@ def family(model) -> str:
     raise UnsupportedModel(
         f"InfSplign supports SD1.x, SD2.x and SDXL UNets; this model is {kind}. "
         "Load an SD1.x, SD2.x or SDXL checkpoint for the model input.")
+
+
+def check_relations(model, relations) -> str:
+    """The model's family, after checking that `relations` were parsed with that family's
+    CLIP: token positions of another tokenizer (SD2's OpenCLIP-H, SDXL's two encoders)
+    point at other tokens of this model's conditioning."""
+    fam = family(model)
+    want = ENCODERS[fam]
+    if relations.encoder != want:
+        have = next((FAMILIES[f] for f, e in ENCODERS.items() if e == relations.encoder), "another model")
+        raise ValueError(
+            f"The relations were parsed with a {relations.encoder} CLIP ({have}), but this model is "
+            f"{FAMILIES[fam]}, whose prompts are encoded by {want}. Connect the CLIP of the checkpoint "
+            "that encodes the positive prompt to Spatial Relation Parse.")
+    return fam
 
 
 def decoder_layers(model) -> list[Layer]:
