@@ -107,13 +107,70 @@ class AttentionPatch:
         return (m,)
 
 
+class _NanGradient(torch.autograd.Function):
+    """Identity forward; NaN backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+class Fault:
+    """A misbehaving partner for robustness tests: an attn2 replace patch on output blocks
+    that computes the usual attention, plus one fault.
+
+    - "nan_gradient": its backward pass gives NaN (the forward is untouched), so a guided
+      step's gradient is not finite.
+    - "interrupt": on its first call inside a guided step (autograd on), it requests
+      ComfyUI's interrupt, as a user pressing Cancel at that moment: the next ComfyUI
+      operation raises InterruptProcessingException in the middle of the guided forward.
+    `calls[tag]` counts its calls.
+    """
+
+    CATEGORY = "InfSplign testkit"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    calls: dict[str, int] = {}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "fault": (["nan_gradient", "interrupt"],),
+                             "blocks": ("STRING", {"default": "3"}),
+                             "tag": ("STRING", {"default": "fault"})}}
+
+    def patch(self, model, fault, blocks, tag):
+        import comfy.ldm.modules.attention as attention
+        calls = Fault.calls
+        fired = []
+
+        def attn2(q, k, v, extra):
+            calls[tag] = calls.get(tag, 0) + 1
+            out = attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"))
+            if fault == "nan_gradient":
+                return _NanGradient.apply(out)
+            if torch.is_grad_enabled() and not fired:
+                fired.append(True)
+                comfy.model_management.interrupt_current_processing(True)
+            return out
+        m = model.clone()
+        for b in blocks.split(","):
+            m.set_model_attn2_replace(attn2, "output", int(b))
+        return (m,)
+
+
 NODE_CLASS_MAPPINGS = {
     "InfSplignTestModel": TestModel,
     "InfSplignTestGradientProbe": GradientProbe,
     "InfSplignTestAttentionPatch": AttentionPatch,
+    "InfSplignTestFault": Fault,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "InfSplignTestModel": "Test model (InfSplign testkit)",
     "InfSplignTestGradientProbe": "Gradient probe (InfSplign testkit)",
     "InfSplignTestAttentionPatch": "Attention patch of another pack (InfSplign testkit)",
+    "InfSplignTestFault": "Misbehaving attention patch (InfSplign testkit)",
 }
