@@ -7,10 +7,17 @@ Tier 1 imports the pack's modules as `infsplign.guidance...` (see testkit/pack.p
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# One CPU thread per torch op unless the caller says otherwise (before torch is imported;
+# the server and benchmark subprocesses inherit it). The test models are narrow, so a
+# second thread gains little, and on a machine whose other cores are busy (a training job)
+# OpenMP threads that wait for a descheduled sibling made runs 30-90x slower here.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
