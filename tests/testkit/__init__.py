@@ -17,6 +17,9 @@ from .pack import module as pack_module
 models.register_detection()
 
 
+WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 class TestModel:
     """MODEL, CLIP, VAE of a deterministic test topology (no file needed)."""
 
@@ -29,10 +32,12 @@ class TestModel:
         return {"required": {
             "topology": (list(models.TOPOLOGIES), {"default": "sd1"}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+        }, "optional": {
+            "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default"}),
         }}
 
-    def load(self, topology, seed):
-        return models.load(topology, seed)
+    def load(self, topology, seed, weight_dtype="default"):
+        return models.load(topology, seed, dtype=WEIGHT_DTYPES[weight_dtype])
 
 
 class GradientProbe:

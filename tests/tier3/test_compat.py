@@ -407,3 +407,38 @@ def test_model_compute_dtypes(run, path, dtype):
     assert low.reports[0].loss == pytest.approx(fp32.reports[0].loss, rel=0.05)  # same maps, in low precision
     assert differs(low.latent, run(insert_model_patch(workflow(SD1, path, steps=STEPS, guided=False),
                                                       "dtype", "ModelComputeDtype", dtype=dtype)).latent)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_model_weight_dtypes(run, path, dtype):
+    """UNet weights stored in fp16 / bf16 (loaded by ComfyUI's checkpoint loading function
+    with that dtype; on this CPU ComfyUI casts them per operation): guidance is applied on
+    the cast weights, maps and loss in float32, and the rounded weights change the image."""
+    def loaded(weight_dtype, guided=True):
+        g = workflow(SD1, path, steps=STEPS, guided=guided)
+        g["ckpt"] = {"class_type": "InfSplignTestModel", "inputs": {"topology": "sd1", "seed": 0,
+                                                                    "weight_dtype": weight_dtype}}
+        return run(g)
+    low, fp32 = loaded(dtype), loaded("fp32")
+    assert_guided(low)
+    assert differs(low.latent, fp32.latent)
+    assert differs(low.latent, loaded(dtype, guided=False).latent)
+
+
+@pytest.mark.parametrize("topology", ["sd2v", "sdxl"])
+def test_other_topologies_with_a_batch_at_a_non_square_size(run, topology):
+    """The SD2.x-v and SDXL test models (other decoder layouts, v-prediction, two text
+    encoders with adm) with a batch of 2 at 80 x 48 px and ConditioningCombine."""
+    ckpt = f"infsplign_test_{topology}.safetensors"
+    g = workflow(ckpt, "ksampler", steps=2, batch=2, width=80, height=48)
+    g["pos2"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a cat to the left of a dog, photo"}}
+    guided = run(combine(g, ("pos", 0), ("pos2", 0)))
+    plain_g = workflow(ckpt, "ksampler", steps=2, batch=2, width=80, height=48, guided=False)
+    plain_g["pos2"] = g["pos2"]
+    plain = run(combine(plain_g, ("pos", 0), ("pos2", 0)))
+    assert_guided(guided, steps=2)
+    assert all(r.batch == 2 for r in guided.reports)
+    assert guided.latent.shape == (2, 4, 6, 10)
+    for i in range(2):
+        assert differs(guided.latent[i], plain.latent[i])
