@@ -57,14 +57,14 @@ def controlnet_state_dict(topology: str = "sd1", seed: int = 0) -> dict[str, tor
     """A ControlNet for the narrow test UNet of `topology` (hint: 3-channel image)."""
     topo = models.TOPOLOGIES[topology]
     config = {k: v for k, v in topo.unet.items() if k not in ("out_channels", "transformer_depth_output")}
-    config.update(cfg_extra(topo))
+    config.update(_unet_extra(topo))
     net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
                                      dtype=torch.float32, device="cpu", **config)
     sd = models._filled(net, seed + 10)
     return {f"control_model.{k}": v for k, v in sd.items()}
 
 
-def cfg_extra(topo) -> dict:
+def _unet_extra(topo) -> dict:
     """The supported-model config's extra UNet arguments (heads, attention precision)."""
     extra = dict(getattr(topo.config, "unet_extra_config", {}) or {})
     extra.setdefault("num_heads", 8)

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import torch
 
-from graphs import DEFAULTS, cond_consumer, insert_model_patch, workflow
+from graphs import insert_model_patch, workflow
 
 pytestmark = pytest.mark.host
 SD1 = "infsplign_test_sd1.safetensors"
@@ -280,4 +280,3 @@ def test_settings_out_of_range_name_the_value_and_the_fix(host, checkpoints, pat
     # values outside a widget's range never reach the node: ComfyUI's validation names them
     with pytest.raises(AssertionError, match=r"(?s)strength.*-5"):
         host.execute(workflow(SD1, path, steps=2, strength=-5.0))
-    assert DEFAULTS["strength"] == 1000.0
