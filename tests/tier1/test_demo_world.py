@@ -71,6 +71,7 @@ def test_detector_ignores_an_extra_blob_and_wrong_objects():
     a, b = scorer.find(dets, "red", "circle"), scorer.find(dets, "blue", "square")
     assert abs(a.cx - 30) < 1 and abs(b.cy - 90) < 1
     assert scorer.find(dets, "red", "square") is None
+    assert scorer.find_by_color(dets, "red") == a and scorer.find_by_color(dets, "green") is None
     assert scorer.score(img, ("red", "circle"), "left", ("blue", "square")) == scorer.Score(True, True)
     assert scorer.score(img, ("red", "circle"), "below", ("blue", "square")) == scorer.Score(True, False)
     assert scorer.score(img, ("red", "triangle"), "left", ("blue", "square")) == scorer.Score(False, False)
