@@ -93,23 +93,31 @@ def autograd_guard(store: CaptureStore, patch):
     """Another pack's UNet block patch, made safe for the guided step's backward pass.
 
     Some patches write into the tensors they were given or computed with (FreeU and
-    FreeU_V2 scale half of the channels with `h[:, :k] = h[:, :k] * s`), which autograd
-    refuses at backward time ("modified by an inplace operation"). On a guided step the
-    patch runs on copies; when it wrote into them, its output values are kept exactly and
-    the gradient passes through it as through the identity (straight-through). Patches that
-    write nothing keep their exact gradient; outside guided steps nothing changes."""
+    FreeU_V2 scale half of the channels with `h[:, :k] = h[:, :k] * s`). Under autograd that
+    fails at backward time ("modified by an inplace operation") and leaves reference cycles
+    that keep the step's tensors alive. So on a guided step the patch first runs on copies
+    without autograd; if it wrote into them, those output values are used exactly and the
+    gradient passes through the patch as through the identity (straight-through). If it
+    did not, it runs again with autograd and keeps its exact gradient; which of the two a
+    block needs is remembered for the run. Outside guided steps nothing changes."""
+    writes: dict[tuple, bool] = {}
+
     def guarded(*args):
         if not (store.capturing and torch.is_grad_enabled()):
             return patch(*args)
         *tensors, options = args
-        copies = [t.clone() for t in tensors]
-        versions = [c._version for c in copies]
-        out = patch(*copies, options)
-        if [c._version for c in copies] == versions:
-            return out
+        key = (options.get("block"), *(tuple(t.shape) for t in tensors))
+        if writes.get(key) is False:
+            return patch(*args)
+        with torch.no_grad():
+            copies = [t.detach().clone() for t in tensors]
+            versions = [c._version for c in copies]
+            out = patch(*copies, options)
+        writes[key] = [c._version for c in copies] != versions
+        if not writes[key]:
+            return patch(*args)
         outs = out if isinstance(out, tuple) else (out,)
-        through = tuple(t + (o.detach() - t.detach()) if o.shape == t.shape else o.detach()
-                        for t, o in zip(tensors, outs))
+        through = tuple(t + (o - t.detach()) if o.shape == t.shape else o for t, o in zip(tensors, outs))
         return through if isinstance(out, tuple) else through[0]
     return guarded
 
