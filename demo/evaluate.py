@@ -34,7 +34,7 @@ WORKFLOW = ROOT / "example_workflows" / "d_demo_model_unguided_vs_guided.json"
 TEXT, LATENT, APPLY, PLAIN, GUIDED, SAVE = "2", "6", "7", "8", "9", "13"
 SETTING_NAMES = ("strength", "loss", "alpha", "margin", "orthogonal", "presence_weight",
                  "balance_weight", "start_percent", "end_percent")
-TUNING_GRID = {"strength": (30.0, 100.0, 300.0), "end_percent": (0.25, 0.5)}
+TUNING_GRID = {"strength": (0.0, 10.0, 30.0, 100.0, 300.0), "end_percent": (0.25, 0.5)}  # strength 0: unguided
 
 
 class Evaluator:
@@ -116,6 +116,8 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=52)
     ap.add_argument("--tune", action="store_true", help="run the tuning grid on the tuning prompts")
     ap.add_argument("--tune-prompts", type=int, default=12)
+    ap.add_argument("--grid", type=json.loads, default=TUNING_GRID,
+                    help='tuning grid as JSON, e.g. \'{"strength": [10, 30], "margin": [0, 0.1]}\'')
     ap.add_argument("--cfg", type=float, default=None, help="CFG of both KSamplers (workflow: 5)")
     ap.add_argument("--out", type=Path, default=ROOT / "output" / "evaluate")
     for name in SETTING_NAMES:
@@ -130,8 +132,8 @@ def main() -> int:
     if a.tune:
         print(f"tuning on {len(tuning_prompts)} tuning prompts x 4 seeds (noise seed "
               f"{ev.evaluation.TUNING_NOISE_SEED}), guided arm only", flush=True)
-        for values in itertools.product(*TUNING_GRID.values()):
-            settings = {**settings_from(a), **dict(zip(TUNING_GRID, values))}
+        for values in itertools.product(*a.grid.values()):
+            settings = {**settings_from(a), **dict(zip(a.grid, values))}
             scores = [ev.evaluation.score_images(p, ev.run(p, ev.evaluation.TUNING_NOISE_SEED, settings, True, a.cfg)[1])
                       for p in tuning_prompts]
             m = ev.scorer.visor(scores)
