@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "host"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "host")]
 from comfy_server import Server  # noqa: E402
 import ui_workflow as wf  # noqa: E402
 
@@ -43,9 +43,14 @@ def say(msg: str) -> None:
 
 
 def demo_modules():
-    """The pack's scorer and prompt helpers, without importing ComfyUI in this process."""
-    from testkit.pack import module
-    return module("demo_world.evaluation"), module("demo_world.scorer")
+    """The pack's scorer and prompt helpers, without importing ComfyUI in this process
+    (the pack is registered as a bare package, so its root __init__ does not run)."""
+    import importlib
+    import types
+    pkg = types.ModuleType("infsplign")
+    pkg.__path__ = [str(ROOT)]
+    sys.modules.setdefault("infsplign", pkg)
+    return importlib.import_module("infsplign.demo_world.evaluation"), importlib.import_module("infsplign.demo_world.scorer")
 
 
 def parse_prompt(evaluation, text: str):
