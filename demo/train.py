@@ -1,6 +1,6 @@
 """Train the demo model (shapes world) from scratch; deterministic from --seed.
 
-    .venv/bin/python demo/train.py                      # the shipped weights: 6000 steps, ~75 min on 2 CPU cores
+    .venv/bin/python demo/train.py --threads 1          # the shipped weights: 3000 steps, ~52 min on one core
     .venv/bin/python demo/train.py --steps 20 --out /tmp/w.safetensors   # a smoke run
 
 Writes demo_world/infsplign_demo_shapes.safetensors (EMA weights, fp16) every 500 steps and

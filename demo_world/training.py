@@ -236,8 +236,8 @@ def probe_localisation(base, clip, batch: Batch, sigma_value: float, generator: 
 
 @dataclass
 class TrainSettings:
-    steps: int = 6000
-    batch: int = 32
+    steps: int = 3000
+    batch: int = 24
     lr: float = 2e-3
     warmup: int = 300
     ema: float = 0.999
@@ -245,7 +245,7 @@ class TrainSettings:
     log_every: int = 100
     probe_every: int = 500
     save_every: int = 500
-    attention_weight: float = 0.0  # weight of the word-attention-inside-its-object term
+    attention_weight: float = 0.1  # weight of the word-attention-inside-its-object term
 
 
 def train(settings: TrainSettings, out: Path | None, log=print) -> tuple[torch.nn.Module, object]:
