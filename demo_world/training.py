@@ -174,23 +174,10 @@ def attention_outside(found: list[torch.Tensor], batch: Batch) -> torch.Tensor:
 def attention_probs(base, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
                     blocks: tuple[int, ...] = PROBE_BLOCKS) -> list[torch.Tensor]:
     """Mean-over-heads cross-attention (B, h, w, T) of the given output blocks at one step."""
-    import comfy.ldm.modules.attention as attention
     found: list[torch.Tensor] = []
-
-    def patch(q, k, v, extra):
-        heads = extra["n_heads"]
-        b, n, inner = q.shape
-        d = inner // heads
-        qh = q.float().view(b, n, heads, d).transpose(1, 2)
-        kh = k.float().view(b, -1, heads, d).transpose(1, 2)
-        p = torch.softmax(qh @ kh.transpose(-1, -2) * d ** -0.5, dim=-1).mean(dim=1)
-        h, w = extra["activations_shape"][-2:]
-        found.append(p.view(b, h, w, -1))
-        return attention.optimized_attention(q, k, v, heads, transformer_options=extra)
-
-    options = {"patches_replace": {"attn2": {("output", blk, 0): patch for blk in blocks}}}
     with torch.no_grad():
-        base.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
+        base.apply_model(x, sigma, c_crossattn=context,
+                         transformer_options=recording_attention(blocks, found))
     return found
 
 

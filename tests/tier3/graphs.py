@@ -1,4 +1,5 @@
 """API-format prompt graphs shared by the tier-3 tests."""
+import logging
 
 
 def txt2img(ckpt: str, text: str = "a cat to the left of a dog", seed: int = 7, steps: int = 4,
@@ -148,3 +149,14 @@ def set_latent(g: dict, node_id: str, node: dict) -> dict:
     g[node_id] = node
     g["sample"]["inputs"]["latent_image"] = [node_id, 0]
     return g
+
+
+class Collect(logging.Handler):
+    """Keeps every record it sees (attach it to the "infsplign" logger around a run)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)

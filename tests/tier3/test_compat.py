@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from graphs import cond_consumer, insert_model_patch, set_latent, workflow
+from graphs import Collect, cond_consumer, insert_model_patch, set_latent, workflow
 
 pytestmark = pytest.mark.host
 SD1 = "infsplign_test_sd1.safetensors"
@@ -36,15 +36,6 @@ class Result:
     warnings: list[str] = field(default_factory=list)
 
 
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
 class Runner:
     """Executes graphs in one executor session (the checkpoint loads once, as on a server)
     and remembers each graph's result."""
@@ -55,7 +46,7 @@ class Runner:
     def __call__(self, graph: dict) -> Result:
         key = json.dumps(graph, sort_keys=True)
         if key not in self.cache:
-            logger, collect = logging.getLogger("infsplign"), _Collect()
+            logger, collect = logging.getLogger("infsplign"), Collect()
             level = logger.level
             logger.addHandler(collect)
             logger.setLevel(logging.INFO)

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import torch
 
-from graphs import insert_model_patch, workflow
+from graphs import Collect, insert_model_patch, workflow
 
 pytestmark = pytest.mark.host
 SD1 = "infsplign_test_sd1.safetensors"
@@ -24,18 +24,9 @@ PATHS = ["ksampler", "custom"]
 STEPS = 3
 
 
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
 def execute(session, graph):
     """(run, [StepReport], [warning records]) of one prompt."""
-    logger, collect = logging.getLogger("infsplign"), _Collect()
+    logger, collect = logging.getLogger("infsplign"), Collect()
     level = logger.level
     logger.addHandler(collect)
     logger.setLevel(logging.INFO)
