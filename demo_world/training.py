@@ -1,4 +1,4 @@
-"""Training the demo model on the shapes world (CPU, deterministic from a seed).
+"""Training the demo model on the shapes world (CPU or GPU, deterministic from a seed).
 
 The UNet and the one-layer text encoder are trained together with ComfyUI's own model
 wrapper (`BaseModel.apply_model`: v-prediction on SD's scaled-linear sigmas), so training
@@ -9,6 +9,10 @@ object words' cross-attention must land on the objects, or guidance has nothing 
   which objects the image holds;
 - localisation is measured while training: the share of objects whose word-attention
   centroid lies nearer their own centre than the other object's.
+
+Each step's batch (scenes, captions, end-token donors, noise and sigmas) is drawn from
+generators seeded by (seed, step) alone, so batches can be built ahead in worker
+processes and the result does not depend on how many there are.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.data
 import torch.nn.functional as F
 
 from . import world
@@ -38,6 +43,12 @@ class Batch:
     centres: torch.Tensor  # (B, 2, 2) object centres (x, y) in [0, 1] of the image
     empty: torch.Tensor  # (B,) bool: unconditional caption
     coverage: torch.Tensor  # (B, 2, 16, 16) share of each latent cell covered by object a / b
+    donors: list[int]  # row whose end-token output each row gets in training (itself if empty)
+    weights: torch.Tensor  # (B, 2, 77) token_weights of the groups
+
+    def to(self, device) -> "Batch":
+        return Batch(self.x0.to(device), self.ids, self.groups, self.centres.to(device),
+                     self.empty.to(device), self.coverage.to(device), self.donors, self.weights.to(device))
 
 
 def filler_vocabulary(tokenizer, rng: random.Random, n: int = 3000) -> tuple[str, ...]:
@@ -48,21 +59,24 @@ def filler_vocabulary(tokenizer, rng: random.Random, n: int = 3000) -> tuple[str
     return tuple(rng.sample(words, min(n, len(words))))
 
 
-def token_ids(clip, text: str) -> list[int]:
-    chunks = clip.tokenize(text)["l"]
+def token_ids(tokenizer, text: str) -> list[int]:
+    """The 77 token ids of `text`; `tokenizer` is a ComfyUI CLIP or its tokenizer."""
+    if not hasattr(tokenizer, "tokenize_with_weights"):  # a CLIP object
+        tokenizer = tokenizer.tokenizer
+    chunks = tokenizer.tokenize_with_weights(text)["l"]
     return [t for t, _ in chunks[0]]
 
 
-def positions(ids: list[int], clip, words: str) -> tuple[int, ...]:
+def positions(ids: list[int], tokenizer, words: str) -> tuple[int, ...]:
     """Positions of the tokens of `words` in `ids` (first occurrence)."""
-    needle = [t for t in token_ids(clip, words)[1:] if t != END_TOKEN]
+    needle = [t for t in token_ids(tokenizer, words)[1:] if t != END_TOKEN]
     for i in range(len(ids) - len(needle) + 1):
         if ids[i:i + len(needle)] == needle:
             return tuple(range(i, i + len(needle)))
     raise ValueError(f"{words!r} not in the caption")
 
 
-def make_batch(clip, rng: random.Random, size: int, fillers: tuple[str, ...],
+def make_batch(tokenizer, rng: random.Random, size: int, fillers: tuple[str, ...],
                p_empty: float = 0.1) -> Batch:
     scenes = [world.random_scene(rng) for _ in range(size)]
     x0 = world.scene_latents(scenes, samples_per_cell=4)
@@ -70,12 +84,45 @@ def make_batch(clip, rng: random.Random, size: int, fillers: tuple[str, ...],
     for scene in scenes:
         is_empty = rng.random() < p_empty
         text = "" if is_empty else world.caption(scene, rng, fillers)
-        t = token_ids(clip, text)
+        t = token_ids(tokenizer, text)
         ids.append(t)
         empty.append(is_empty)
-        groups.append(((), ()) if is_empty else (positions(t, clip, scene.a.name), positions(t, clip, scene.b.name)))
+        groups.append(((), ()) if is_empty else (positions(t, tokenizer, scene.a.name),
+                                                 positions(t, tokenizer, scene.b.name)))
     centres = torch.tensor([[[s.a.cx, s.a.cy], [s.b.cx, s.b.cy]] for s in scenes]) / world.IMAGE
-    return Batch(x0, ids, groups, centres, torch.tensor(empty), world.object_coverage(scenes))
+    rows = [i for i in range(size) if not empty[i]]
+    shuffled = rows[:]
+    rng.shuffle(shuffled)
+    donors = list(range(size))
+    for r, d in zip(rows, shuffled):
+        donors[r] = d
+    return Batch(x0, ids, groups, centres, torch.tensor(empty), world.object_coverage(scenes), donors,
+                 token_weights(groups, len(ids[0])))
+
+
+def step_seed(seed: int, step: int) -> int:
+    return seed * 1_000_003 + step
+
+
+class TrainingBatches(torch.utils.data.Dataset):
+    """Item k is the batch of step k + 1, a pure function of (seed, step)."""
+
+    def __init__(self, tokenizer, seed: int, steps: int, size: int, fillers: tuple[str, ...]):
+        self.tokenizer, self.seed, self.steps, self.size, self.fillers = tokenizer, seed, steps, size, fillers
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, k: int) -> Batch:
+        return make_batch(self.tokenizer, random.Random(step_seed(self.seed, k + 1)), self.size, self.fillers)
+
+
+def _as_is(batch: Batch) -> Batch:
+    return batch
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)
 
 
 def _residual_forward(layer, x, mask=None, optimized_attention=None):
@@ -93,34 +140,37 @@ def make_text_trainable(clip) -> None:
 def encode(clip, ids: list[list[int]]) -> torch.Tensor:
     """The conditioning CLIPTextEncode gives for these token ids (weights 1), with autograd.
 
-    ComfyUI zeroes the padding outputs in place, which autograd cannot follow; here the
-    same mask (ones up to and including the first end token) is applied out of place."""
+    The same transformer call as ComfyUI's SDClipModel.forward, with the token ids of the
+    whole batch embedded at once; ComfyUI zeroes the padding outputs in place, which
+    autograd cannot follow, so the same mask (ones up to and including the first end token)
+    is applied out of place. A tier-2 test checks the result equals CLIPTextEncode's."""
     encoder = clip.cond_stage_model.clip_l
-    encoder.zero_out_masked = False
-    try:
-        z, _ = encoder(ids)
-    finally:
-        encoder.zero_out_masked = True
-    mask = torch.tensor([[1.0 if i <= t.index(END_TOKEN) else 0.0 for i in range(len(t))] for t in ids])
+    device = encoder.transformer.get_input_embeddings().weight.device
+    tokens = torch.tensor(ids, device=device)
+    ends = torch.tensor([t.index(END_TOKEN) for t in ids], device=device)
+    outputs = encoder.transformer(tokens, None, intermediate_output=encoder.layer_idx,
+                                  final_layer_norm_intermediate=encoder.layer_norm_hidden_state,
+                                  dtype=torch.float32)
+    z = (outputs[0] if encoder.layer == "last" else outputs[1]).float()
+    mask = torch.arange(tokens.shape[1], device=device)[None] <= ends[:, None]
     return z * mask.unsqueeze(-1)
 
 
-def swap_end_tokens(z: torch.Tensor, ids: list[list[int]], empty: torch.Tensor,
-                    rng: random.Random) -> torch.Tensor:
-    """Each captioned row gets the end-token output of another captioned row of the batch."""
-    rows = [i for i in range(len(ids)) if not empty[i]]
-    if len(rows) < 2:
+def swap_end_tokens(z: torch.Tensor, ids: list[list[int]], donors: list[int]) -> torch.Tensor:
+    """Row r gets the end-token output of row donors[r] (captioned rows are shuffled
+    among themselves by make_batch; an empty caption keeps its own)."""
+    rows = [r for r, d in enumerate(donors) if d != r]
+    if not rows:
         return z
-    donors = rows[:]
-    rng.shuffle(donors)
-    ends = {i: ids[i].index(END_TOKEN) for i in rows}
     z = z.clone()
-    z[rows, [ends[i] for i in rows]] = z[donors, [ends[d] for d in donors]]
+    z[rows, [ids[r].index(END_TOKEN) for r in rows]] = \
+        z[[donors[r] for r in rows], [ids[donors[r]].index(END_TOKEN) for r in rows]]
     return z
 
 
 def sample_sigmas(base, n: int, generator: torch.Generator) -> torch.Tensor:
-    sigmas = base.model_sampling.sigmas
+    """n training sigmas drawn on the CPU generator (the same on every device)."""
+    sigmas = base.model_sampling.sigmas.cpu()
     idx = torch.randint(0, len(sigmas), (n,), generator=generator)
     return sigmas[idx].float()
 
@@ -128,8 +178,8 @@ def sample_sigmas(base, n: int, generator: torch.Generator) -> torch.Tensor:
 def diffusion_loss(base, x0: torch.Tensor, context: torch.Tensor, generator: torch.Generator,
                    transformer_options: dict | None = None) -> torch.Tensor:
     """v-prediction loss: ((sigma^2 + 1) / sigma^2) |D(x) - x0|^2, D from ComfyUI's wrapper."""
-    sigma = sample_sigmas(base, x0.shape[0], generator)
-    noise = torch.randn(x0.shape, generator=generator)
+    sigma = sample_sigmas(base, x0.shape[0], generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     x = x0 + noise * sigma.view(-1, 1, 1, 1)
     denoised = base.apply_model(x, sigma, c_crossattn=context, transformer_options=transformer_options or {})
     weight = (sigma ** 2 + 1) / sigma ** 2
@@ -153,20 +203,36 @@ def recording_attention(blocks: tuple[int, ...], found: list[torch.Tensor]) -> d
     return {"patches_replace": {"attn2": {("output", blk, 0): patch for blk in blocks}}}
 
 
+def token_weights(groups, length: int, device=None) -> torch.Tensor:
+    """(B, 2, T): weight 1/n on each of an object's n token positions, rows of zeros for none."""
+    w = torch.zeros(len(groups), 2, length)
+    for i, pair in enumerate(groups):
+        for j, tokens in enumerate(pair):
+            if tokens:
+                w[i, j, list(tokens)] = 1.0 / len(tokens)
+    return w.to(device)
+
+
+def object_maps(p: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(B, 2, h, w) each object's token-mean attention (B, h, w, T -> ...), summing to 1."""
+    m = torch.einsum("bhwt,bjt->bjhw", p, weights)
+    return m / m.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+
+
 def attention_outside(found: list[torch.Tensor], batch: Batch) -> torch.Tensor:
     """Mean share of each object's word attention that falls outside the object."""
+    if not found:
+        return torch.zeros(())
+    weights = batch.weights.to(found[0].device)
+    named = weights.sum(dim=-1) > 0  # (B, 2)
+    if not named.any():
+        return torch.zeros((), device=found[0].device)
     terms = []
     for p in found:
-        h = p.shape[1]
-        cover = F.adaptive_avg_pool2d(batch.coverage, h)  # (B, 2, h, w)
-        for i, pair in enumerate(batch.groups):
-            for j, tokens in enumerate(pair):
-                if not tokens:
-                    continue
-                m = p[i, :, :, list(tokens)].mean(dim=-1)
-                m = m / m.sum().clamp_min(1e-12)
-                terms.append(1.0 - (m * cover[i, j]).sum())
-    return torch.stack(terms).mean() if terms else torch.zeros(())
+        cover = F.adaptive_avg_pool2d(batch.coverage, p.shape[1])  # (B, 2, h, w)
+        inside = (object_maps(p, weights) * cover).sum(dim=(-2, -1))  # (B, 2)
+        terms.append(1.0 - inside[named])
+    return torch.cat(terms).mean()
 
 
 # ---- localisation --------------------------------------------------------------------------
@@ -182,20 +248,16 @@ def attention_probs(base, x: torch.Tensor, sigma: torch.Tensor, context: torch.T
 
 
 def word_centroids(probs: list[torch.Tensor], groups) -> torch.Tensor:
-    """(B, 2, 2) attention centroid of each object's tokens, in image fractions [0, 1]."""
+    """(B, 2, 2) attention centroid of each object's tokens, in image fractions [0, 1], on the
+    CPU (the mean over layers; zeros for an object without tokens)."""
     out = torch.zeros(len(groups), 2, 2)
     for p in probs:
-        b, h, w, _ = p.shape
+        b, h, w, t = p.shape
+        m = object_maps(p.float(), token_weights(groups, t, p.device)).cpu()
         xs = (torch.arange(w) + 0.5) / w
         ys = (torch.arange(h) + 0.5) / h
-        for i, pair in enumerate(groups):
-            for j, tokens in enumerate(pair):
-                if not tokens:
-                    continue
-                m = p[i, :, :, list(tokens)].mean(dim=-1)
-                m = m / m.sum().clamp_min(1e-12)
-                out[i, j, 0] += (m.sum(dim=0) * xs).sum() / len(probs)
-                out[i, j, 1] += (m.sum(dim=1) * ys).sum() / len(probs)
+        out[..., 0] += (m.sum(dim=-2) * xs).sum(dim=-1) / len(probs)
+        out[..., 1] += (m.sum(dim=-1) * ys).sum(dim=-1) / len(probs)
     return out
 
 
@@ -207,24 +269,25 @@ def nearer_own(centroids: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
 
 
 def probe_localisation(base, clip, batch: Batch, sigma_value: float, generator: torch.Generator) -> float:
-    keep = ~batch.empty
-    x0 = batch.x0[keep]
-    groups = [g for g, e in zip(batch.groups, batch.empty) if not e]
-    ids = [t for t, e in zip(batch.ids, batch.empty) if not e]
+    keep = ~batch.empty.cpu()
+    device = base.model_sampling.sigmas.device
+    x0 = batch.x0.cpu()[keep]
+    groups = [g for g, e in zip(batch.groups, keep.tolist()) if e]
+    ids = [t for t, e in zip(batch.ids, keep.tolist()) if e]
     with torch.no_grad():
         context = encode(clip, ids)
     sigma = torch.full((x0.shape[0],), sigma_value)
     x = x0 + torch.randn(x0.shape, generator=generator) * sigma_value
-    probs = attention_probs(base, x, sigma, context)
-    return nearer_own(word_centroids(probs, groups), batch.centres[keep]).float().mean().item()
+    probs = attention_probs(base, x.to(device), sigma.to(device), context)
+    return nearer_own(word_centroids(probs, groups), batch.centres.cpu()[keep]).float().mean().item()
 
 
 # ---- the loop --------------------------------------------------------------------------------
 
 @dataclass
 class TrainSettings:
-    steps: int = 3000
-    batch: int = 24
+    steps: int = 2000
+    batch: int = 256
     lr: float = 2e-3
     warmup: int = 300
     ema: float = 0.999
@@ -235,11 +298,14 @@ class TrainSettings:
     attention_weight: float = 0.1  # weight of the word-attention-inside-its-object term
 
 
-def train(settings: TrainSettings, out: Path | None, log=print) -> tuple[torch.nn.Module, object]:
-    """Train from scratch; returns (EMA UNet BaseModel, CLIP with EMA text weights)."""
+def train(settings: TrainSettings, out: Path | None, log=print, device: str = "cpu",
+          workers: int = 0) -> tuple[torch.nn.Module, object]:
+    """Train from scratch; returns (EMA UNet BaseModel, CLIP with EMA text weights), on the CPU.
+
+    `device` is where the steps run ("cpu" or "cuda"); `workers` processes build the batches
+    ahead (0: in this process). The batches do not depend on either."""
     torch.manual_seed(settings.seed)
-    rng = random.Random(settings.seed)
-    gen = torch.Generator().manual_seed(settings.seed)
+    device = torch.device(device)
     base = new_unet()
     init_unet(base.diffusion_model, settings.seed)
     clip = new_clip()
@@ -247,26 +313,36 @@ def train(settings: TrainSettings, out: Path | None, log=print) -> tuple[torch.n
     _init_text(text, settings.seed)
     make_text_trainable(clip)
     fillers = filler_vocabulary(clip.tokenizer.clip_l.tokenizer, random.Random(settings.seed + 1))
+    ema_base, ema_clip = new_unet(), new_clip()
+    ema_base.diffusion_model.load_state_dict(base.diffusion_model.state_dict())
+    ema_clip.cond_stage_model.load_state_dict(text.state_dict())
+    for m in (base, text, ema_base, ema_clip.cond_stage_model):
+        m.to(device)
     params = list(base.diffusion_model.parameters()) + list(text.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    ema_base, ema_clip = new_unet(), new_clip()
-    ema_base.diffusion_model.load_state_dict(base.diffusion_model.state_dict())
-    ema_clip.cond_stage_model.load_state_dict(text.state_dict())
     ema_unet, ema_text = ema_base.diffusion_model, ema_clip.cond_stage_model
     for m in (ema_unet, ema_text):
         m.requires_grad_(False)
+    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
     probing = settings.probe_every <= settings.steps
-    probe_batch = make_batch(clip, random.Random(10_000 + settings.seed), 64, (), p_empty=0.0) if probing else None
+    probe_batch = make_batch(clip.tokenizer, random.Random(10_000 + settings.seed), 64, (), p_empty=0.0) \
+        if probing else None
+    batches = torch.utils.data.DataLoader(
+        TrainingBatches(clip.tokenizer, settings.seed, settings.steps, settings.batch, fillers),
+        batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is,
+        worker_init_fn=_one_thread if workers else None, prefetch_factor=8 if workers else None,
+        pin_memory=device.type == "cuda")
 
-    start, running = time.time(), 0.0
-    for step in range(1, settings.steps + 1):
+    start, running = time.time(), torch.zeros((), device=device)
+    for step, batch in enumerate(batches, start=1):
         lr = settings.lr * min(1.0, step / settings.warmup) * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = make_batch(clip, rng, settings.batch, fillers)
-        context = swap_end_tokens(encode(clip, batch.ids), batch.ids, batch.empty, rng)
+        batch = batch.to(device)
+        gen = torch.Generator().manual_seed(step_seed(settings.seed, step))
+        context = swap_end_tokens(encode(clip, batch.ids), batch.ids, batch.donors)
         found: list[torch.Tensor] = []
         options = recording_attention(PROBE_BLOCKS, found) if settings.attention_weight else None
         loss = diffusion_loss(base, batch.x0, context, gen, options)
@@ -278,14 +354,12 @@ def train(settings: TrainSettings, out: Path | None, log=print) -> tuple[torch.n
         opt.step()
         decay = min(settings.ema, (1 + step) / (10 + step))
         with torch.no_grad():
-            for ema, live in ((ema_unet, base.diffusion_model), (ema_text, text)):
-                for pe, pl in zip(ema.parameters(), live.parameters()):
-                    pe.lerp_(pl, 1 - decay)
-        running += loss.item()
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        running += loss.detach()
         if step % settings.log_every == 0:
-            log(f"step {step}/{settings.steps}  loss {running / settings.log_every:.4f}  lr {lr:.2e}  "
-                f"{(time.time() - start) / step:.2f} s/step")
-            running = 0.0
+            log(f"step {step}/{settings.steps}  loss {running.item() / settings.log_every:.4f}  lr {lr:.2e}  "
+                f"{(time.time() - start) / step:.3f} s/step")
+            running.zero_()
         if probing and (step % settings.probe_every == 0 or step == settings.steps):
             loc = {s: probe_localisation(ema_base, ema_clip, probe_batch, s, torch.Generator().manual_seed(1))
                    for s in (1.0, 3.0, 8.0)}
@@ -293,7 +367,9 @@ def train(settings: TrainSettings, out: Path | None, log=print) -> tuple[torch.n
                 + " / ".join(f"{v:.2f}" for v in loc.values()))
         if out is not None and (step % settings.save_every == 0 or step == settings.steps):
             save(out, ema_base.diffusion_model, ema_clip,
-                 {"step": step, "seed": settings.seed, "settings": settings.__dict__})
+                 {"step": step, "seed": settings.seed, "device": device.type, "settings": settings.__dict__})
+    for m in (ema_base, ema_clip.cond_stage_model):
+        m.to("cpu")
     return ema_base, ema_clip
 
 
