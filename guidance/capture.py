@@ -79,6 +79,7 @@ class CaptureStore:
     cropped_calls: int = 0  # attn2 calls of cond rows skipped because they saw a crop (area conds)
     warned_crop: bool = False
     controlled: bool = False  # this step's forward adds ControlNet residuals to the skips
+    last: list[tuple[str, Tensor]] = field(default_factory=list)  # last non-empty take(), detached
     _maps: dict[Layer, list[Tensor]] = field(default_factory=lambda: defaultdict(list))
 
     def __post_init__(self):
@@ -103,7 +104,10 @@ class CaptureStore:
         self._maps[layer].append(maps.view(-1, chunk, *maps.shape[1:]).mean(dim=0))
 
     def take(self) -> list[tuple[str, Tensor]]:
-        """(level, maps (B, K, h, w)) per captured layer of this step; clears the store."""
+        """(level, maps (B, K, h, w)) per captured layer of this step; clears the store.
+        A detached copy of a non-empty result stays in `last` for the run's trace."""
         out = [(layer.level, torch.stack(m).mean(dim=0)) for layer, m in self._maps.items() if m]
         self._maps = defaultdict(list)
+        if out:
+            self.last = [(level, maps.detach()) for level, maps in out]
         return out

@@ -1,6 +1,7 @@
 """ComfyUI glue: node schemas and wiring; the method itself lives in guidance/."""
 from .demo_model import DemoModelLoader
 from .guidance_nodes import Apply, AttentionCapture, Guider
+from .preview import AttentionPreview
 from .relation_parse import RelationParse
 
 NODE_CLASS_MAPPINGS = {
@@ -9,6 +10,7 @@ NODE_CLASS_MAPPINGS = {
     "InfSplignGuider": Guider,
     "InfSplignApply": Apply,
     "InfSplignDemoModelLoader": DemoModelLoader,
+    "InfSplignAttentionPreview": AttentionPreview,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "InfSplignRelationParse": "Spatial Relation Parse",
@@ -16,4 +18,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "InfSplignGuider": "InfSplign Guider",
     "InfSplignApply": "InfSplign (KSampler)",
     "InfSplignDemoModelLoader": "InfSplign Demo Model",
+    "InfSplignAttentionPreview": "InfSplign Attention Preview",
 }

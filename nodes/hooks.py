@@ -21,6 +21,14 @@ conditioning, or a mask with "mask bounds") are not recorded either: their atten
 describe the crop, not the image, so the centroids would be in the wrong frame. Guidance
 reads the conds over the whole latent; when there are none, the step runs unguided, and a
 warning says so once per run.
+
+The trace (guidance/trace.py, for InfSplign Attention Preview): every step's recorded maps
+go to the run's RunTrace, which joins the Trace of the capture wrapper (its `trace`
+attribute, shared by every clone of the model) when sampling has finished. Steps outside
+the guidance window, and every step of a capture-only model (no guidance wrapper; then
+PREDICT_NOISE "infsplign.observe" and the split wrapper are added for the run only), are
+recorded on the sampler's own forward without autograd: the values it computes are
+unchanged, the maps are computed beside them.
 """
 from __future__ import annotations
 
@@ -29,19 +37,23 @@ import logging
 import torch
 
 import comfy.ldm.modules.attention as attention
-from comfy.patcher_extension import WrappersMP
+from comfy.patcher_extension import WrappersMP, get_wrappers_with_key
 
 from ..guidance.autograd import make_autograd_safe
 from ..guidance.capture import CaptureStore, Layer
+from ..guidance.losses import LossSettings
 from ..guidance.relations import SpatialRelations
 from ..guidance.step import NO_MAPS, GuidanceSettings, guided_step, in_window
+from ..guidance.trace import RunTrace, Trace
 
 log = logging.getLogger("infsplign")
 
 CAPTURE_KEY = "infsplign.capture"
 GUIDANCE_KEY = "infsplign.guidance"
 SPLIT_KEY = "infsplign.split"
+OBSERVE_KEY = "infsplign.observe"
 RUN_KEY = "infsplign_run"
+TRACE_KEY = "infsplign_trace"
 
 
 def capture_patch(store: CaptureStore, layer: Layer, previous=None):
@@ -125,7 +137,8 @@ def autograd_guard(store: CaptureStore, patch):
 BLOCK_PATCHES = ("input_block_patch", "input_block_patch_after_skip", "output_block_patch")
 
 
-def _install_capture(model_options: dict, store: CaptureStore) -> None:
+def _install_capture(model_options: dict, store: CaptureStore, run: RunTrace | None = None,
+                     observe: bool = False) -> None:
     options = model_options.setdefault("transformer_options", {})
     replace = options.setdefault("patches_replace", {}).setdefault("attn2", {})
     for layer in store.layers:
@@ -139,19 +152,78 @@ def _install_capture(model_options: dict, store: CaptureStore) -> None:
     patches.setdefault("output_block_patch", []).append(stop_graph_after(store))
     patches.setdefault("input_block_patch_after_skip", []).append(copy_skips(store))
     options[RUN_KEY] = store
+    options[TRACE_KEY] = run
+    if observe:  # capture only: record each step's own forward (innermost, so other wrappers see it done)
+        wrappers = options.setdefault("wrappers", {})
+        for kind, key, fn in ((WrappersMP.PREDICT_NOISE, OBSERVE_KEY, observe_wrapper),
+                              (WrappersMP.CALC_COND_BATCH, SPLIT_KEY, split_cond_batch)):
+            if not wrappers.get(kind, {}).get(key):
+                wrappers[kind] = {**wrappers.get(kind, {}), key: [fn]}
+
+
+def observed(predict, x: torch.Tensor, store: CaptureStore):
+    """The sampler's own prediction, unchanged, with its first forward's cond maps recorded
+    (no autograd: the maps are computed beside the forward, nothing else changes)."""
+    store.step_active, store.latent_hw, store.capturing = True, tuple(x.shape[2:]), True
+    try:
+        with torch.no_grad():
+            return predict()
+    finally:
+        store.step_active = store.capturing = False
+        store.take()
+
+
+def trace_step(run: RunTrace | None, store: CaptureStore, timestep, model_options: dict,
+               in_window: bool, applied: bool) -> None:
+    """Hand the step's recorded maps (store.last) to the run's trace. A failure here stops
+    the recording of this run with a warning; it never fails the sampling."""
+    layers, store.last = store.last, []
+    if run is None or run.failed or not layers:
+        return
+    try:
+        sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+        run.record(float(timestep.max()), () if sigmas is None else sigmas, layers, in_window, applied)
+    except Exception as e:  # noqa: BLE001  (the preview is optional; the image is not)
+        run.failed = f"{type(e).__name__}: {e}"
+        log.warning("InfSplign: the attention preview stops recording this run: %s", run.failed)
+
+
+def observe_wrapper(executor, x, timestep, model_options={}, seed=None):
+    """PREDICT_NOISE of a capture-only run: record the step, change nothing."""
+    store = model_options.get("transformer_options", {}).get(RUN_KEY)
+    if store is None:
+        return executor(x, timestep, model_options, seed)
+    denoised = observed(lambda: executor(x, timestep, model_options, seed), x, store)
+    trace_step(model_options["transformer_options"].get(TRACE_KEY), store, timestep, model_options, False, False)
+    return denoised
 
 
 def capture_wrapper(relations: SpatialRelations, layers: tuple[Layer, ...]):
+    """OUTER_SAMPLE: install the capture for one run; its `trace` keeps the finished runs."""
+    trace = Trace(relations)
+
     def outer_sample(executor, *args, **kwargs):
         guider = executor.class_obj
         store = CaptureStore(relations, layers)
         # CFGGuider.sample made guider.model_options a per-run copy of nested dicts.
-        _install_capture(guider.model_options, store)
+        guidance = get_wrappers_with_key(WrappersMP.PREDICT_NOISE, GUIDANCE_KEY, guider.model_options,
+                                         is_model_options=True)
+        settings = getattr(guidance[0], "settings", None) if guidance else None
+        run = trace.start(settings.loss if settings is not None else LossSettings(), guided=bool(guidance))
+        _install_capture(guider.model_options, store, run, observe=not guidance)
         try:
-            return executor(*args, **kwargs)
+            output = executor(*args, **kwargs)
         finally:
             store.capturing = False
             store.take()
+            store.last = []
+        if not run.failed:
+            try:
+                trace.finish(run, output)
+            except Exception as e:  # noqa: BLE001
+                log.warning("InfSplign: this run is not kept for the attention preview: %s", e)
+        return output
+    outer_sample.trace = trace
     return outer_sample
 
 
@@ -165,12 +237,15 @@ def guidance_wrapper(relations: SpatialRelations, settings: GuidanceSettings):
             raise ValueError("InfSplign got other relations than the Attention Capture Patch on this "
                              "model. Connect the same Spatial Relation Parse output to both.")
         guider = executor.class_obj
+        run = model_options["transformer_options"].get(TRACE_KEY)
         sampling = guider.model_patcher.get_model_object("model_sampling")
         sigma_start = float(sampling.percent_to_sigma(settings.start_percent))
         sigma_end = float(sampling.percent_to_sigma(settings.end_percent))
         sigma = float(timestep.max())
         if not in_window(sigma, sigma_start, sigma_end):
-            return executor(x, timestep, model_options, seed)
+            denoised = observed(lambda: executor(x, timestep, model_options, seed), x, store)
+            trace_step(run, store, timestep, model_options, False, False)
+            return denoised
         if settings.strength > 0:
             make_autograd_safe(guider.inner_model)
         store.step_active, store.latent_hw, cropped = True, tuple(x.shape[2:]), store.cropped_calls
@@ -182,6 +257,7 @@ def guidance_wrapper(relations: SpatialRelations, settings: GuidanceSettings):
                 x, timestep, store, settings)
         finally:
             store.step_active = False
+        trace_step(run, store, timestep, model_options, True, report.applied)
         if store.cropped_calls > cropped and not store.warned_crop:
             store.warned_crop = True
             log.warning("InfSplign: a positive conditioning covers only part of the latent (ConditioningSetArea, "
@@ -196,6 +272,7 @@ def guidance_wrapper(relations: SpatialRelations, settings: GuidanceSettings):
                      "guided" if report.applied else "observed", sigma, report.loss,
                      report.grad_norm, extra={"infsplign": report})
         return denoised
+    predict_noise.settings = settings  # read by the capture wrapper: the loss its trace shows
     return predict_noise
 
 
