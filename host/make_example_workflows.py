@@ -1,0 +1,293 @@
+"""Writes example workflows a, b and c (UI format, as the ComfyUI frontend saves them).
+
+    .venv/bin/python host/make_example_workflows.py        # rewrite example_workflows/{a,b,c}_*.json
+    .venv/bin/python host/make_example_workflows.py --check  # exit 1 if a committed file differs
+
+Workflow d (the demo model) is edited by hand and not written here. Each node's sockets
+and widgets are listed below in the order ComfyUI 0.3.75's /object_info gives them
+(input_order; KSampler's and RandomNoise's seed is followed by the frontend's
+control_after_generate value; LoadImage ends with its upload widget's value "image");
+tests/tier3/test_example_workflows.py checks every file against a real server's
+/object_info and runs it. Layout: columns left to right, in the order data flows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "example_workflows"
+
+# type: (socket inputs [(name, type, optional)], widgets [(name, type)], outputs [(name, type)])
+SCHEMA = {
+    "CheckpointLoaderSimple": ([], [("ckpt_name", "COMBO")], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "LoraLoader": ([("model", "MODEL", False), ("clip", "CLIP", False)],
+                   [("lora_name", "COMBO"), ("strength_model", "FLOAT"), ("strength_clip", "FLOAT")],
+                   [("MODEL", "MODEL"), ("CLIP", "CLIP")]),
+    "PrimitiveStringMultiline": ([], [("value", "STRING")], [("STRING", "STRING")]),
+    "CLIPTextEncode": ([("clip", "CLIP", False)], [("text", "STRING")], [("CONDITIONING", "CONDITIONING")]),
+    "InfSplignRelationParse": ([("clip", "CLIP", False)],
+                               [("text", "STRING"), ("object_a", "STRING"), ("relation", "COMBO"), ("object_b", "STRING")],
+                               [("relations", "SPATIAL_RELATIONS"), ("summary", "STRING")]),
+    "InfSplignApply": ([("model", "MODEL", False), ("relations", "SPATIAL_RELATIONS", False)],
+                       [(n, "FLOAT") for n in ("strength",)] + [("loss", "COMBO")]
+                       + [(n, "FLOAT") for n in ("alpha", "margin")] + [("orthogonal", "COMBO")]
+                       + [(n, "FLOAT") for n in ("presence_weight", "balance_weight", "start_percent", "end_percent")]
+                       + [("threshold", "BOOLEAN")],
+                       [("MODEL", "MODEL")]),
+    "InfSplignGuider": ([("model", "MODEL", False), ("positive", "CONDITIONING", False),
+                         ("negative", "CONDITIONING", False), ("relations", "SPATIAL_RELATIONS", False)],
+                        [("cfg", "FLOAT"), ("strength", "FLOAT"), ("loss", "COMBO")]
+                        + [(n, "FLOAT") for n in ("alpha", "margin")] + [("orthogonal", "COMBO")]
+                        + [(n, "FLOAT") for n in ("presence_weight", "balance_weight", "start_percent", "end_percent")]
+                        + [("threshold", "BOOLEAN")],
+                        [("GUIDER", "GUIDER")]),
+    "EmptyLatentImage": ([], [("width", "INT"), ("height", "INT"), ("batch_size", "INT")], [("LATENT", "LATENT")]),
+    "KSampler": ([("model", "MODEL", False), ("positive", "CONDITIONING", False),
+                  ("negative", "CONDITIONING", False), ("latent_image", "LATENT", False)],
+                 [("seed", "INT"), ("control_after_generate", "COMBO"), ("steps", "INT"), ("cfg", "FLOAT"),
+                  ("sampler_name", "COMBO"), ("scheduler", "COMBO"), ("denoise", "FLOAT")],
+                 [("LATENT", "LATENT")]),
+    "RandomNoise": ([], [("noise_seed", "INT"), ("control_after_generate", "COMBO")], [("NOISE", "NOISE")]),
+    "KSamplerSelect": ([], [("sampler_name", "COMBO")], [("SAMPLER", "SAMPLER")]),
+    "BasicScheduler": ([("model", "MODEL", False)], [("scheduler", "COMBO"), ("steps", "INT"), ("denoise", "FLOAT")],
+                       [("SIGMAS", "SIGMAS")]),
+    "SamplerCustomAdvanced": ([("noise", "NOISE", False), ("guider", "GUIDER", False), ("sampler", "SAMPLER", False),
+                               ("sigmas", "SIGMAS", False), ("latent_image", "LATENT", False)], [],
+                              [("output", "LATENT"), ("denoised_output", "LATENT")]),
+    "ControlNetLoader": ([], [("control_net_name", "COMBO")], [("CONTROL_NET", "CONTROL_NET")]),
+    "LoadImage": ([], [("image", "COMBO"), ("upload", "IMAGEUPLOAD")], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    "Canny": ([("image", "IMAGE", False)], [("low_threshold", "FLOAT"), ("high_threshold", "FLOAT")], [("IMAGE", "IMAGE")]),
+    "ControlNetApplyAdvanced": ([("positive", "CONDITIONING", False), ("negative", "CONDITIONING", False),
+                                 ("control_net", "CONTROL_NET", False), ("image", "IMAGE", False), ("vae", "VAE", True)],
+                                [("strength", "FLOAT"), ("start_percent", "FLOAT"), ("end_percent", "FLOAT")],
+                                [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
+    "VAEDecode": ([("samples", "LATENT", False), ("vae", "VAE", False)], [], [("IMAGE", "IMAGE")]),
+    "SaveImage": ([("images", "IMAGE", False)], [("filename_prefix", "STRING")], []),
+    "MarkdownNote": ([], [("text", "STRING")], []),
+}
+
+# The pack's guidance settings at their INPUT_TYPES defaults (nodes/guidance_nodes.py).
+GUIDANCE_DEFAULTS = [1000.0, "sigmoid", 8.0, 0.0, "auto", 1.0, 1.0, 0.0, 0.25, False]
+PARSE_DEFAULTS = ["", "from text", ""]  # object_a, relation, object_b: read from the text
+
+
+class Workflow:
+    def __init__(self, info: str):
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+        self.info = info
+
+    def node(self, type_: str, pos, size, widgets=(), title: str | None = None) -> int:
+        sockets, widget_specs, outputs = SCHEMA[type_]
+        assert len(widgets) == len(widget_specs), (type_, widgets)
+        node = {
+            "id": len(self.nodes) + 1, "type": type_, "pos": list(pos), "size": list(size),
+            "flags": {}, "order": 0, "mode": 0,
+            "inputs": [{"name": n, "type": t, **({"shape": 7} if opt else {}), "link": None}
+                       for n, t, opt in sockets],
+            "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
+            "properties": {} if type_ == "MarkdownNote" else {"Node name for S&R": type_},
+            "widgets_values": list(widgets),
+        }
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node["id"]
+
+    def note(self, pos, size, text: str) -> int:
+        return self.node("MarkdownNote", pos, size, [text])
+
+    def link(self, src: int, slot: int, dst: int, name: str) -> None:
+        """Output `slot` of node `src` into input `name` of node `dst` (a socket, or a
+        widget, which the frontend then lists as an input with a "widget" entry)."""
+        s, d = self.nodes[src - 1], self.nodes[dst - 1]
+        kind = s["outputs"][slot]["type"]
+        target = next((i for i in d["inputs"] if i["name"] == name), None)
+        if target is None:  # a widget fed by a link
+            widget_type = dict(SCHEMA[d["type"]][1])[name]
+            target = {"name": name, "type": widget_type, "link": None, "widget": {"name": name}}
+            d["inputs"].append(target)
+        assert target["type"] == kind and target["link"] is None, (s["type"], d["type"], name)
+        link_id = len(self.links) + 1
+        target["link"] = link_id
+        s["outputs"][slot]["links"].append(link_id)
+        self.links.append([link_id, src, slot, dst, d["inputs"].index(target), kind])
+
+    def _execution_order(self) -> None:
+        """The frontend's "order": a topological order, nodes without inputs first."""
+        deps = {n["id"]: {l[1] for l in self.links if l[3] == n["id"]} for n in self.nodes}
+        done: list[int] = []
+        while len(done) < len(self.nodes):
+            ready = sorted(i for i, d in deps.items() if i not in done and d <= set(done))
+            done.append(ready[0])
+        for n in self.nodes:
+            n["order"] = done.index(n["id"])
+
+    def to_json(self) -> dict:
+        self._execution_order()
+        for n in self.nodes:
+            for out in n["outputs"]:
+                if not out["links"]:
+                    out["links"] = None
+        return {
+            "last_node_id": len(self.nodes), "last_link_id": len(self.links),
+            "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
+            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "info": self.info},
+            "version": 0.4,
+        }
+
+
+# Columns (x) and node sizes shared by the three workflows.
+X = [40, 420, 800, 1180, 1560, 1820]
+NEGATIVE = "blurry, low quality, deformed, watermark, text"
+
+
+def prompt_and_parse(w: Workflow, clip: tuple[int, int], text: str, x: int, y0: int) -> dict:
+    """Prompt (one text for both) in the first column at y0, positive and negative
+    CLIPTextEncode and Spatial Relation Parse in the column at x."""
+    ids = {
+        "prompt": w.node("PrimitiveStringMultiline", (X[0], y0), (320, 150), [text], title="Prompt"),
+        "pos": w.node("CLIPTextEncode", (x, 80), (320, 90), [text], title="Positive"),
+        "neg": w.node("CLIPTextEncode", (x, 220), (320, 130), [NEGATIVE], title="Negative"),
+        "parse": w.node("InfSplignRelationParse", (x, 400), (320, 220), [text, *PARSE_DEFAULTS]),
+    }
+    for node in ("pos", "neg", "parse"):
+        w.link(*clip, ids[node], "clip")
+    w.link(ids["prompt"], 0, ids["pos"], "text")
+    w.link(ids["prompt"], 0, ids["parse"], "text")
+    return ids
+
+
+def sd15_ksampler() -> dict:
+    w = Workflow("InfSplign on SD1.5 with KSampler: the relation in the prompt guides where the objects go.")
+    ckpt = w.node("CheckpointLoaderSimple", (X[0], 80), (320, 100), ["v1-5-pruned-emaonly.safetensors"])
+    t = prompt_and_parse(w, (ckpt, 1), "a cat to the left of a dog", X[1], 230)
+    w.note((X[0], 440), (320, 240),
+           "**InfSplign, SD1.5 + KSampler**\n\nNeeds `models/checkpoints/v1-5-pruned-emaonly.safetensors` "
+           "(any SD1.x checkpoint works).\n\nWrite the prompt once in *Prompt*: it feeds the positive "
+           "encoder and *Spatial Relation Parse*. *InfSplign (KSampler)* patches the model for the "
+           "first 25 % of the steps. To compare, feed KSampler the checkpoint's MODEL at the same seed.")
+    latent = w.node("EmptyLatentImage", (X[1], 670), (320, 110), [512, 512, 1])
+    apply = w.node("InfSplignApply", (X[2], 80), (320, 310), list(GUIDANCE_DEFAULTS))
+    sampler = w.node("KSampler", (X[3], 80), (320, 270), [42, "fixed", 20, 7.0, "euler", "normal", 1.0])
+    decode = w.node("VAEDecode", (X[4], 80), (210, 50))
+    save = w.node("SaveImage", (X[5], 80), (420, 460), ["infsplign/sd15"])
+    w.link(ckpt, 0, apply, "model")
+    w.link(t["parse"], 0, apply, "relations")
+    w.link(apply, 0, sampler, "model")
+    w.link(t["pos"], 0, sampler, "positive")
+    w.link(t["neg"], 0, sampler, "negative")
+    w.link(latent, 0, sampler, "latent_image")
+    w.link(sampler, 0, decode, "samples")
+    w.link(ckpt, 2, decode, "vae")
+    w.link(decode, 0, save, "images")
+    return w.to_json()
+
+
+def sdxl_guider_custom_sampler() -> dict:
+    w = Workflow("InfSplign on SDXL with InfSplign Guider and SamplerCustomAdvanced.")
+    ckpt = w.node("CheckpointLoaderSimple", (X[0], 80), (320, 100), ["sd_xl_base_1.0.safetensors"])
+    t = prompt_and_parse(w, (ckpt, 1), "a red apple to the right of a blue cup", X[1], 230)
+    w.note((X[0], 440), (320, 240),
+           "**InfSplign, SDXL + SamplerCustomAdvanced**\n\nNeeds `models/checkpoints/sd_xl_base_1.0.safetensors` "
+           "(any SDXL checkpoint works).\n\n*InfSplign Guider* is a CFG guider (cfg is set on it) that "
+           "also applies the spatial guidance; plug it into any sampler and sigmas. orthogonal = auto "
+           "is off on SDXL.")
+    latent = w.node("EmptyLatentImage", (X[1], 670), (320, 110), [1024, 1024, 1])
+    guider = w.node("InfSplignGuider", (X[2], 80), (320, 340), [7.0, *GUIDANCE_DEFAULTS])
+    noise = w.node("RandomNoise", (X[2], 470), (320, 90), [42, "fixed"])
+    select = w.node("KSamplerSelect", (X[2], 610), (320, 60), ["euler"])
+    sigmas = w.node("BasicScheduler", (X[2], 720), (320, 110), ["normal", 20, 1.0])
+    sampler = w.node("SamplerCustomAdvanced", (X[3], 80), (320, 330), [])
+    decode = w.node("VAEDecode", (X[4], 80), (210, 50))
+    save = w.node("SaveImage", (X[5], 80), (420, 460), ["infsplign/sdxl"])
+    w.link(ckpt, 0, guider, "model")
+    w.link(t["pos"], 0, guider, "positive")
+    w.link(t["neg"], 0, guider, "negative")
+    w.link(t["parse"], 0, guider, "relations")
+    w.link(ckpt, 0, sigmas, "model")
+    w.link(noise, 0, sampler, "noise")
+    w.link(guider, 0, sampler, "guider")
+    w.link(select, 0, sampler, "sampler")
+    w.link(sigmas, 0, sampler, "sigmas")
+    w.link(latent, 0, sampler, "latent_image")
+    w.link(sampler, 0, decode, "samples")
+    w.link(ckpt, 2, decode, "vae")
+    w.link(decode, 0, save, "images")
+    return w.to_json()
+
+
+def sd15_lora_controlnet() -> dict:
+    w = Workflow("InfSplign on SD1.5 next to a LoRA and a canny ControlNet.")
+    x = [40, 420, 800, 1180, 1560, 1940, 2200]
+    ckpt = w.node("CheckpointLoaderSimple", (x[0], 80), (320, 100), ["v1-5-pruned-emaonly.safetensors"])
+    lora = w.node("LoraLoader", (x[1], 80), (320, 130), ["your_sd15_lora.safetensors", 1.0, 1.0])
+    t = prompt_and_parse(w, (lora, 1), "a cat to the left of a dog", x[2], 230)
+    cn_load = w.node("ControlNetLoader", (x[0], 430), (320, 60), ["control_v11p_sd15_canny_fp16.safetensors"])
+    image = w.node("LoadImage", (x[0], 540), (320, 320), ["example.png", "image"])
+    w.note((x[0], 910), (320, 260),
+           "**InfSplign next to a LoRA and a ControlNet (SD1.5)**\n\nNeeds `models/checkpoints/"
+           "v1-5-pruned-emaonly.safetensors`, an SD1.5 LoRA in `models/loras/` (pick yours in *Load "
+           "LoRA*) and `models/controlnet/control_v11p_sd15_canny_fp16.safetensors`.\n\n*Load Image* "
+           "gives the control picture, *Canny* its edges. Its layout should agree with the relation "
+           "in the prompt, or the two pull against each other.")
+    canny = w.node("Canny", (x[1], 540), (320, 90), [0.4, 0.8])
+    latent = w.node("EmptyLatentImage", (x[2], 670), (320, 110), [512, 512, 1])
+    cn_apply = w.node("ControlNetApplyAdvanced", (x[3], 80), (320, 190), [1.0, 0.0, 1.0])
+    apply = w.node("InfSplignApply", (x[3], 330), (320, 310), list(GUIDANCE_DEFAULTS))
+    sampler = w.node("KSampler", (x[4], 80), (320, 270), [42, "fixed", 20, 7.0, "euler", "normal", 1.0])
+    decode = w.node("VAEDecode", (x[5], 80), (210, 50))
+    save = w.node("SaveImage", (x[6], 80), (420, 460), ["infsplign/sd15_lora_controlnet"])
+    w.link(ckpt, 0, lora, "model")
+    w.link(ckpt, 1, lora, "clip")
+    w.link(image, 0, canny, "image")
+    w.link(t["pos"], 0, cn_apply, "positive")
+    w.link(t["neg"], 0, cn_apply, "negative")
+    w.link(cn_load, 0, cn_apply, "control_net")
+    w.link(canny, 0, cn_apply, "image")
+    w.link(lora, 0, apply, "model")
+    w.link(t["parse"], 0, apply, "relations")
+    w.link(apply, 0, sampler, "model")
+    w.link(cn_apply, 0, sampler, "positive")
+    w.link(cn_apply, 1, sampler, "negative")
+    w.link(latent, 0, sampler, "latent_image")
+    w.link(sampler, 0, decode, "samples")
+    w.link(ckpt, 2, decode, "vae")
+    w.link(decode, 0, save, "images")
+    return w.to_json()
+
+
+WORKFLOWS = {
+    "a_sd15_ksampler.json": sd15_ksampler,
+    "b_sdxl_guider_custom_sampler.json": sdxl_guider_custom_sampler,
+    "c_sd15_lora_controlnet.json": sd15_lora_controlnet,
+}
+
+
+def render(workflow: dict) -> str:
+    return json.dumps(workflow, indent=1, ensure_ascii=False) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="compare with the files, write nothing")
+    args = ap.parse_args(argv)
+    stale = []
+    for name, build in WORKFLOWS.items():
+        text, path = render(build()), OUT / name
+        if args.check:
+            if not path.is_file() or path.read_text() != text:
+                stale.append(name)
+        else:
+            path.write_text(text)
+            print(f"wrote {path.relative_to(ROOT)}")
+    if stale:
+        print("out of date (run host/make_example_workflows.py):", ", ".join(stale))
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
