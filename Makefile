@@ -1,12 +1,16 @@
 # The two commands of the README, and the host set-up they share.
-.PHONY: setup test demo clean-host
+.PHONY: setup setup-browser test demo clean-host
 
 PYTHON := .venv/bin/python
 
 setup:
 	@bash host/setup.sh
 
-test: setup
+# Chromium + playwright-core for the browser tests (tests/tier4); only `make test` needs them.
+setup-browser:
+	@bash host/setup_browser.sh
+
+test: setup setup-browser
 	@$(PYTHON) -m pytest -q tests
 
 demo: setup

@@ -1,0 +1,396 @@
+// Drives the real ComfyUI frontend in headless Chromium (playwright-core, Debian's
+// /usr/bin/chromium) against a running ComfyUI server, and writes what it saw as JSON.
+// tests/tier4/test_browser.py starts the server, runs this script and asserts on the JSON;
+// the script itself only fails on things it cannot observe at all (no page, timeouts).
+//
+// Environment:
+//   INFSPLIGN_BASE_URL   http://127.0.0.1:PORT of the server (loopback only)
+//   INFSPLIGN_WORKFLOW   the UI-format workflow file to load and queue (example workflow d)
+//   INFSPLIGN_MARKUP     the prompt text with HTML/script markup for the text-only check
+//   INFSPLIGN_SHOTS      folder for screenshots
+//   INFSPLIGN_RESULT     where to write the JSON result
+//   INFSPLIGN_MODULES    node_modules folder that holds playwright-core
+//   INFSPLIGN_CHROMIUM   the browser binary (default /usr/bin/chromium)
+//   INFSPLIGN_RUN_TIMEOUT_S  per-queue wait (default 240)
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { createRequire } from "node:module";
+
+const env = (name, fallback) => {
+  const v = process.env[name] ?? fallback;
+  if (v === undefined) throw new Error(`${name} is not set`);
+  return v;
+};
+const BASE = env("INFSPLIGN_BASE_URL");
+const WORKFLOW = env("INFSPLIGN_WORKFLOW");
+const MARKUP = env("INFSPLIGN_MARKUP");
+const SHOTS = env("INFSPLIGN_SHOTS");
+const RESULT = env("INFSPLIGN_RESULT");
+const MODULES = env("INFSPLIGN_MODULES");
+const CHROMIUM = env("INFSPLIGN_CHROMIUM", "/usr/bin/chromium");
+const RUN_TIMEOUT = 1000 * Number(env("INFSPLIGN_RUN_TIMEOUT_S", "240"));
+
+const require = createRequire(path.join(path.resolve(MODULES), "noop.js"));
+const { chromium } = require("playwright-core");
+
+const result = { timings: {}, console_errors: [], page_errors: [], screenshots: {} };
+const t0 = Date.now();
+const mark = (name) => { result.timings[name] = (Date.now() - t0) / 1000; log(`${name} at ${result.timings[name]} s`); };
+const log = (msg) => process.stderr.write(`[browser] ${msg}\n`);
+
+fs.mkdirSync(SHOTS, { recursive: true });
+const profile = fs.mkdtempSync(path.join(os.tmpdir(), "infsplign-chromium-"));
+const context = await chromium.launchPersistentContext(profile, {
+  executablePath: CHROMIUM,
+  headless: true,
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  viewport: { width: 1920, height: 1080 },
+});
+try {
+  const page = context.pages()[0] ?? (await context.newPage());
+  page.on("console", (m) => { if (m.type() === "error") result.console_errors.push(m.text().slice(0, 500)); });
+  page.on("pageerror", (e) => result.page_errors.push(String(e?.message ?? e).slice(0, 500)));
+  page.on("dialog", (d) => { result.page_errors.push(`native dialog: ${d.message()}`); d.dismiss(); });
+
+  await page.goto(BASE, { waitUntil: "domcontentloaded" });
+  await page.waitForFunction(() => window.app?.graph && window.app?.extensionManager && window.app?.api,
+    null, { timeout: 90_000 });
+  // Wait for the extensions (ours included) to be registered and the first graph shown.
+  await page.waitForFunction(() => window.app.extensions?.length > 10 && document.querySelector('[data-testid="queue-button"]'),
+    null, { timeout: 60_000 });
+  mark("frontend_ready");
+  await page.waitForTimeout(1_500); // the first-run Templates dialog opens a moment later
+  await closeDialogs(page);
+  // The checks below are for the default (litegraph) renderer; the Vue one ("Nodes 2.0")
+  // is checked at the end and switched off again. Undo a run that stopped half-way.
+  await page.evaluate(async () => {
+    if (window.app.extensionManager.setting.get("Comfy.VueNodes.Enabled")) {
+      await window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", false);
+    }
+  });
+  result.frontend = await page.evaluate(() => ({
+    version: window.__COMFYUI_FRONTEND_VERSION__ ?? null,
+    infsplign_extensions: window.app.extensions.map((e) => e.name).filter((n) => /infsplign/i.test(n)),
+  }));
+  await page.evaluate(() => {
+    window.__infsplign = { events: [] };
+    for (const ev of ["execution_start", "execution_success", "execution_error", "execution_interrupted", "executed"]) {
+      window.app.api.addEventListener(ev, (e) => window.__infsplign.events.push({ ev, detail: e.detail }));
+    }
+  });
+
+  // 1. Markup in the prompt: rendered as text, never as HTML.
+  result.markup = await markupCase(page);
+  mark("markup_case_done");
+
+  // 2. Example workflow d, queued with the Run button.
+  result.workflow = await workflowCase(page);
+  mark("workflow_case_done");
+
+  // 3. Node help: the (i) button of the selection toolbox shows the pack's markdown help.
+  result.help = await helpCase(page);
+  mark("help_case_done");
+
+  // 4. The same markup graph under the Vue node renderer ("Nodes 2.0", opt-in).
+  result.vue = await vueCase(page);
+  mark("vue_case_done");
+} catch (err) {
+  result.fatal = String(err?.stack ?? err);
+  log(`FAILED: ${result.fatal}`);
+} finally {
+  await context.close().catch(() => {});
+  fs.rmSync(profile, { recursive: true, force: true });
+  result.timings.total = (Date.now() - t0) / 1000;
+  fs.writeFileSync(RESULT, JSON.stringify(result, null, 1));
+}
+process.exit(result.fatal ? 1 : 0);
+
+// ---------------------------------------------------------------------------------------
+
+async function closeDialogs(page) {
+  // A fresh user gets the Templates dialog shortly after the first load; an execution
+  // error opens a dialog too. Close them with their (x) button (Escape does not always).
+  for (let i = 0; i < 5; i++) {
+    if (!(await page.locator('[role="dialog"]:visible').count())) return;
+    const close = page.locator('[role="dialog"] button:has(.pi-times):visible, [role="dialog"] button[aria-label="Close"]:visible').first();
+    if (await close.count()) await close.click({ timeout: 5_000 }).catch(() => {});
+    else await page.keyboard.press("Escape");
+    await page.waitForTimeout(300);
+  }
+}
+
+async function click(page, selector) {
+  await closeDialogs(page);
+  await page.locator(selector).first().click({ timeout: 15_000 });
+}
+
+/** Queue the current graph with the Run button; wait for its end. */
+async function runGraph(page, label) {
+  const before = await page.evaluate(() => window.__infsplign.events.length);
+  const started = Date.now();
+  await click(page, '[data-testid="queue-button"]');
+  await page.waitForFunction(
+    (n) => window.__infsplign.events.slice(n).some((e) =>
+      ["execution_success", "execution_error", "execution_interrupted"].includes(e.ev)),
+    before, { timeout: RUN_TIMEOUT, polling: 250 });
+  const events = await page.evaluate((n) => window.__infsplign.events.slice(n), before);
+  const end = events.find((e) => e.ev !== "executed" && e.ev !== "execution_start" && e.ev.startsWith("execution_"));
+  result.timings[`${label}_run_s`] = (Date.now() - started) / 1000;
+  return {
+    status: end.ev,
+    error: end.ev === "execution_error" ? {
+      node_type: end.detail?.node_type, exception_type: end.detail?.exception_type,
+      exception_message: end.detail?.exception_message } : null,
+    executed: events.filter((e) => e.ev === "executed").map((e) => e.detail?.node),
+  };
+}
+
+/** A two-node graph: demo model -> Spatial Relation Parse with the given widget values. */
+function parseGraph(values) {
+  return {
+    last_node_id: 2, last_link_id: 1,
+    nodes: [
+      { id: 1, type: "InfSplignDemoModelLoader", pos: [40, 120], size: [320, 110], flags: {}, order: 0, mode: 0,
+        inputs: [], outputs: [{ name: "MODEL", type: "MODEL", links: [] }, { name: "CLIP", type: "CLIP", links: [1] },
+                              { name: "VAE", type: "VAE", links: [] }],
+        properties: {}, widgets_values: ["default"] },
+      { id: 2, type: "InfSplignRelationParse", pos: [420, 120], size: [520, 320], flags: {}, order: 1, mode: 0,
+        inputs: [{ name: "clip", type: "CLIP", link: 1 }],
+        outputs: [{ name: "relations", type: "SPATIAL_RELATIONS", links: [] }, { name: "summary", type: "STRING", links: [] }],
+        properties: {}, widgets_values: values },
+    ],
+    links: [[1, 1, 1, 2, 0, "CLIP"]], groups: [], config: {}, extra: { ds: { scale: 1, offset: [0, 0] } }, version: 0.4,
+  };
+}
+
+/** What the DOM holds that markup from the prompt could have created. */
+async function injectionReport(page) {
+  return page.evaluate(() => {
+    const attrs = [];
+    for (const el of document.querySelectorAll("*")) {
+      // Text in value/title/aria-label attributes is still text; markup would show up as
+      // an event handler or a URL attribute.
+      for (const a of el.attributes) {
+        if (/^(on|src$|srcset$|href$|xlink:href$|srcdoc$|action$|formaction$|style$)/i.test(a.name)
+            && (/pwned/.test(a.value) || a.value === "x")) attrs.push(`${el.tagName}[${a.name}]`);
+      }
+    }
+    return {
+      pwned: typeof window.__pwned === "undefined" ? null : String(window.__pwned),
+      img_src_x: [...document.querySelectorAll("img")].filter((i) => i.getAttribute("src") === "x").length,
+      onerror_elements: document.querySelectorAll("[onerror]").length,
+      scripts_with_pwned: [...document.querySelectorAll("script")].filter((s) => s.textContent.includes("__pwned")).length,
+      bold_left: [...document.querySelectorAll("b")].filter((b) => b.textContent.trim() === "left").length,
+      attributes_with_pwned: attrs,
+    };
+  });
+}
+
+async function markupCase(page) {
+  const out = {};
+  // (a) No relation phrase in the text: the node fails; its message quotes the prompt.
+  await page.evaluate(async (g) => { await window.app.loadGraphData(g); }, parseGraph([MARKUP, "", "from text", ""]));
+  out.error_run = await runGraph(page, "markup_error");
+  await page.waitForTimeout(500);
+  out.error_shown_verbatim = await page.evaluate((m) => document.body.innerText.includes(m.slice(0, 60)), MARKUP);
+  out.after_error = await injectionReport(page);
+  await page.screenshot({ path: path.join(SHOTS, "markup_error.png") });
+  result.screenshots.markup_error = path.join(SHOTS, "markup_error.png");
+  await closeDialogs(page);
+
+  // (b) Objects named by overrides that carry the markup: the summary repeats it.
+  const objectA = MARKUP.slice(MARKUP.indexOf("<img"), MARKUP.indexOf(">", MARKUP.indexOf("<img")) + 1) + " cat";
+  const objectB = MARKUP.slice(MARKUP.indexOf("<script"), MARKUP.indexOf("</script>") + 9) + " dog";
+  out.object_a = objectA;
+  out.object_b = objectB;
+  await page.evaluate(async (g) => { await window.app.loadGraphData(g); }, parseGraph([MARKUP, objectA, "left", objectB]));
+  out.run = await runGraph(page, "markup");
+  await page.waitForFunction(() => {
+    const n = window.app.graph.nodes.find((x) => x.type === "InfSplignRelationParse");
+    return n?.widgets?.some((w) => w.name === "parsed" && w.value);
+  }, null, { timeout: 10_000 }).catch(() => {});
+  Object.assign(out, await page.evaluate(() => {
+    const node = window.app.graph.nodes.find((x) => x.type === "InfSplignRelationParse");
+    const widget = node.widgets.find((w) => w.name === "parsed");
+    const box = document.querySelector('textarea[data-infsplign="summary"]');
+    const text = node.widgets.find((w) => w.name === "text");
+    return {
+      summary_widget: widget ? String(widget.value) : null,
+      summary_box: box ? { value: box.value, readOnly: box.readOnly, children: box.children.length,
+                            visible: box.offsetParent !== null && box.getBoundingClientRect().width > 0 } : null,
+      text_widget: text ? String(text.value) : null,
+      output: window.app.nodeOutputs?.[String(node.id)] ?? null,
+    };
+  }));
+  out.after_run = await injectionReport(page);
+  await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.Canvas.FitView"));
+  await page.waitForTimeout(400);
+  await page.screenshot({ path: path.join(SHOTS, "markup.png") });
+  result.screenshots.markup = path.join(SHOTS, "markup.png");
+  return out;
+}
+
+async function imagesOf(page, nodeId) {
+  return page.evaluate((id) => {
+    const node = window.app.graph.getNodeById(id);
+    return (node?.imgs ?? []).map((i) => ({ src: i.src, complete: i.complete, width: i.naturalWidth, height: i.naturalHeight }));
+  }, nodeId);
+}
+
+async function workflowCase(page) {
+  const workflow = JSON.parse(fs.readFileSync(WORKFLOW, "utf8"));
+  await page.evaluate(async (g) => { await window.app.loadGraphData(g); }, workflow);
+  const byType = (t) => workflow.nodes.filter((n) => n.type === t && (n.mode ?? 0) === 0).map((n) => n.id);
+  const parseIds = byType("InfSplignRelationParse");
+  const saveIds = byType("SaveImage").concat(byType("PreviewImage"));
+  const previewIds = byType("InfSplignAttentionPreview");
+  const out = { parse_nodes: parseIds, image_nodes: saveIds, attention_preview_nodes: previewIds,
+                prompt: workflow.nodes.find((n) => n.type === "PrimitiveStringMultiline")?.widgets_values?.[0] ?? null };
+  out.run = await runGraph(page, "workflow");
+  // Images load asynchronously after the "executed" message.
+  const watched = [...saveIds, ...previewIds];
+  await page.waitForFunction((ids) => ids.every((id) => {
+    const imgs = window.app.graph.getNodeById(id)?.imgs ?? [];
+    return imgs.length && imgs.every((i) => i.complete && i.naturalWidth > 0);
+  }), watched, { timeout: 30_000, polling: 250 }).catch(() => {});
+  out.images = {};
+  for (const id of watched) out.images[id] = await imagesOf(page, id);
+  out.image_fetch = await page.evaluate(async (ids) => {
+    const r = {};
+    for (const id of ids) {
+      const img = window.app.graph.getNodeById(id)?.imgs?.[0];
+      if (!img) continue;
+      const resp = await fetch(img.src);
+      r[id] = { status: resp.status, type: resp.headers.get("content-type"), bytes: (await resp.arrayBuffer()).byteLength };
+    }
+    return r;
+  }, watched);
+  out.summaries = await page.evaluate((ids) => Object.fromEntries(ids.map((id) => {
+    const node = window.app.graph.getNodeById(id);
+    const w = node.widgets.find((x) => x.name === "parsed");
+    const box = w?.inputEl ?? w?.element;
+    return [id, { widget: w ? String(w.value) : null, box: box ? box.value : null,
+                  box_visible: !!box && box.isConnected && box.getBoundingClientRect().width > 0 }];
+  })), parseIds);
+  // Not sent back to the server: the display widget is not a node input.
+  out.prompt_inputs = await page.evaluate(async (ids) => {
+    const p = await window.app.graphToPrompt();
+    return Object.fromEntries(ids.map((id) => [id, Object.keys(p.output[String(id)]?.inputs ?? {})]));
+  }, parseIds);
+  out.after_run = await injectionReport(page);
+
+  await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.Canvas.FitView"));
+  await page.evaluate(() => {
+    const c = window.app.canvas;
+    if (c.ds.scale < 0.7) { // keep node text legible (low-quality rendering below ~0.6)
+      const el = c.canvas, cx = el.width / 2, cy = el.height / 2;
+      c.ds.changeScale(0.7, [cx, cy]);
+    }
+    c.setDirty(true, true);
+  });
+  await page.waitForTimeout(600);
+  const shot = path.join(SHOTS, "workflow_d.png");
+  await page.screenshot({ path: shot });
+  result.screenshots.workflow_d = shot;
+  // Close-ups of the parse node and the image node(s), at a legible zoom.
+  out.closeups = {};
+  for (const id of [...parseIds, ...saveIds, ...previewIds]) {
+    const box = await page.evaluate((id) => {
+      const c = window.app.canvas, n = window.app.graph.getNodeById(id);
+      const r = c.canvas.getBoundingClientRect();
+      const title = 30, top = 100; // the tab bar and the Run button cover the canvas' top
+      const scale = Math.min(1.5, 0.85 * r.width / n.size[0], 0.9 * (r.height - top) / (n.size[1] + title));
+      c.ds.scale = scale;
+      c.ds.offset[0] = r.width / 2 / scale - (n.pos[0] + n.size[0] / 2);
+      c.ds.offset[1] = (top + (r.height - top) / 2) / scale - (n.pos[1] - title + (n.size[1] + title) / 2);
+      c.setDirty(true, true);
+      const [x, y] = c.ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - title]);
+      return { x: r.left + x, y: r.top + y, width: n.size[0] * scale, height: (n.size[1] + title) * scale };
+    }, id);
+    await page.waitForTimeout(400);
+    const clip = { x: Math.max(0, box.x - 12), y: Math.max(0, box.y - 12), width: box.width + 24, height: box.height + 24 };
+    clip.width = Math.min(clip.width, 1920 - clip.x);
+    clip.height = Math.min(clip.height, 1080 - clip.y);
+    if (clip.width > 20 && clip.height > 20) {
+      const file = path.join(SHOTS, `workflow_d_node_${id}.png`);
+      await page.screenshot({ path: file, clip });
+      out.closeups[id] = file;
+      result.screenshots[`workflow_d_node_${id}`] = file;
+    }
+  }
+  return out;
+}
+
+async function helpCase(page) {
+  const out = {};
+  // Every pack node that the server knows has a help page where the frontend looks.
+  out.docs = await page.evaluate(async () => {
+    const info = await (await fetch("/api/object_info")).json();
+    const module = info.InfSplignRelationParse.python_module; // custom_nodes.<pack folder>
+    const pack = module.split(".")[1].split("@")[0]; // as the frontend names the pack
+    const r = {};
+    for (const [name, def] of Object.entries(info)) {
+      if (def.python_module !== module) continue;
+      const resp = await fetch(`/extensions/${pack}/docs/${name}.md`);
+      const text = resp.ok ? await resp.text() : "";
+      r[name] = { status: resp.status, heading: text.split("\n")[0], display_name: def.display_name,
+                  description: def.description ?? "" };
+    }
+    return r;
+  });
+  // The help panel, opened as a user does: select the node, press the (i) button.
+  await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.Canvas.FitView"));
+  const id = await page.evaluate(() => {
+    const n = window.app.graph.nodes.find((x) => x.type === "InfSplignRelationParse");
+    window.app.canvas.deselectAll?.();
+    window.app.canvas.selectNode(n);
+    window.app.canvas.setDirty(true, true);
+    return n.id;
+  });
+  out.node = id;
+  await page.locator('[data-testid="info-button"]').first().waitFor({ state: "visible", timeout: 10_000 });
+  await click(page, '[data-testid="info-button"]');
+  await page.waitForFunction(() => document.body.innerText.includes("Accepted phrasings"), null, { timeout: 10_000 })
+    .catch(() => {});
+  out.panel_has_help = await page.evaluate(() => document.body.innerText.includes("Accepted phrasings"));
+  out.panel_has_table = await page.evaluate(() => [...document.querySelectorAll("table")].some((t) => t.innerText.includes("to the left of")));
+  const shot = path.join(SHOTS, "help_panel.png");
+  await page.screenshot({ path: shot });
+  result.screenshots.help = shot;
+  return out;
+}
+
+async function vueCase(page) {
+  const out = {};
+  await closeDialogs(page);
+  await page.evaluate(async () => { await window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", true); });
+  try {
+    await page.waitForTimeout(500);
+    const objectA = result.markup.object_a, objectB = result.markup.object_b;
+    await page.evaluate(async (g) => { await window.app.loadGraphData(g); }, parseGraph([MARKUP, objectA, "left", objectB]));
+    out.run = await runGraph(page, "vue");
+    await page.waitForFunction(() => {
+      const n = window.app.graph.nodes.find((x) => x.type === "InfSplignRelationParse");
+      const w = n?.widgets?.find((x) => x.name === "parsed");
+      return w?.value && [...document.querySelectorAll("textarea")].some((t) => t.value === w.value);
+    }, null, { timeout: 10_000 }).catch(() => {});
+    Object.assign(out, await page.evaluate(() => {
+      const n = window.app.graph.nodes.find((x) => x.type === "InfSplignRelationParse");
+      const w = n.widgets.find((x) => x.name === "parsed");
+      const boxes = [...document.querySelectorAll("textarea")].filter((t) => w && t.value === w.value && t.isConnected
+        && t.getBoundingClientRect().width > 0);
+      return { vue_enabled: window.app.extensionManager.setting.get("Comfy.VueNodes.Enabled"),
+               summary_widget: w ? String(w.value) : null,
+               boxes: boxes.map((t) => ({ readOnly: t.readOnly, children: t.children.length })) };
+    }));
+    out.after_run = await injectionReport(page);
+    const shot = path.join(SHOTS, "markup_vue_nodes.png");
+    await page.screenshot({ path: shot });
+    result.screenshots.markup_vue_nodes = shot;
+  } finally {
+    await page.evaluate(async () => { await window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", false); });
+  }
+  return out;
+}

@@ -1,0 +1,204 @@
+"""Tier 4: the pack in the real ComfyUI web frontend, in headless Chromium.
+
+Starts the real server (host/comfy_server.py, `main.py --cpu` on loopback, serving the
+pinned comfyui_frontend_package), and runs tests/browser/ui_check.mjs (playwright-core,
+Debian's /usr/bin/chromium; both installed by host/setup_browser.sh, which `make test`
+runs). The script opens the page, and
+  1. queues a two-node graph (demo model -> Spatial Relation Parse) whose prompt holds
+     HTML/script markup, once failing (no relation) and once parsed (objects named by
+     overrides that carry the markup);
+  2. loads example workflow d (the real file) and queues it with the Run button;
+  3. opens the node help panel of Spatial Relation Parse with the (i) button;
+  4. repeats 1 under the opt-in Vue node renderer ("Nodes 2.0"), then switches it off;
+and writes what it saw as JSON; the tests below assert on it. Screenshots go to
+output/browser/. A missing browser is a failure, not a skip.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.host, pytest.mark.server]
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOW = ROOT / "example_workflows" / "d_demo_model_unguided_vs_guided.json"
+SCRIPT = ROOT / "tests" / "browser" / "ui_check.mjs"
+MODULES = ROOT / ".host" / "browser" / "node_modules"
+CHROMIUM = Path(os.environ.get("INFSPLIGN_CHROMIUM", "/usr/bin/chromium"))
+SHOTS = ROOT / "output" / "browser"
+MARKUP = ('a <img src=x onerror="window.__pwned=1"> cat <b>left</b> of a '
+          '<script>window.__pwned=2</script> dog')
+SETUP_HINT = ("`make test` installs it first (`make setup-browser` = host/setup_browser.sh; as root: "
+              "apt-get install chromium chromium-driver, and npm ci of tests/browser/package-lock.json "
+              "into .host/browser)")
+
+
+def _require_browser_bits() -> str:
+    if not CHROMIUM.is_file():
+        pytest.fail(f"Chromium is missing at {CHROMIUM}: the browser tests need it. {SETUP_HINT}.",
+                    pytrace=False)
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail(f"Node.js (`node`) is missing: the browser tests need it. {SETUP_HINT}.", pytrace=False)
+    if not (MODULES / "playwright-core" / "package.json").is_file():
+        pytest.fail(f"playwright-core is missing from {MODULES}. {SETUP_HINT}.", pytrace=False)
+    return node
+
+
+@pytest.fixture(scope="module")
+def seen(request, tmp_path_factory):
+    """Run the browser script once against a fresh server; what it observed."""
+    node = _require_browser_bits()
+    sys.path.insert(0, str(ROOT / "host"))
+    from comfy_server import Server
+
+    workdir = tmp_path_factory.mktemp("browser_server")
+    result_file = workdir / "result.json"
+    server = Server(workdir)
+    try:
+        server.wait_ready()
+        env = {**os.environ,
+               "INFSPLIGN_BASE_URL": server.base, "INFSPLIGN_WORKFLOW": str(WORKFLOW),
+               "INFSPLIGN_MARKUP": MARKUP, "INFSPLIGN_SHOTS": str(SHOTS),
+               "INFSPLIGN_RESULT": str(result_file), "INFSPLIGN_MODULES": str(MODULES),
+               "INFSPLIGN_CHROMIUM": str(CHROMIUM)}
+        try:
+            proc = subprocess.run([node, str(SCRIPT)], env=env, cwd=ROOT, capture_output=True,
+                                  text=True, timeout=420)
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"the browser script ran past {e.timeout} s:\n{e.stderr}\nserver log:\n{server.log()}",
+                        pytrace=False)
+        if not result_file.is_file():
+            pytest.fail(f"the browser script wrote no result (exit {proc.returncode}):\n"
+                        f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\nserver log:\n{server.log()}",
+                        pytrace=False)
+        data = json.loads(result_file.read_text())
+        data["script_log"] = proc.stderr[-3000:]
+        data["server_log"] = server.log()
+    finally:
+        server.stop()
+    _report(request, data)
+    if data.get("fatal"):
+        pytest.fail(f"the browser script failed: {data['fatal']}\n{data['script_log']}\n"
+                    f"server log:\n{data['server_log']}", pytrace=False)
+    return data
+
+
+def _report(request, data: dict) -> None:
+    """Screenshot paths and timings on the terminal, past pytest's output capture."""
+    lines = [f"[browser] screenshot {name}: {path}" for name, path in data.get("screenshots", {}).items()]
+    t = data.get("timings", {})
+    lines.append(f"[browser] frontend {data.get('frontend', {}).get('version')}; workflow d ran in "
+                 f"{t.get('workflow_run_s')} s; browser session {t.get('total')} s")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    if capture is None or reporter is None:
+        print("\n".join(lines))
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line("")
+        for line in lines:
+            reporter.write_line(line)
+
+
+def _no_markup_in_dom(report: dict, when: str) -> None:
+    assert report["pwned"] is None, f"{when}: markup from the prompt ran as script (window.__pwned = {report['pwned']})"
+    assert report["img_src_x"] == 0 and report["onerror_elements"] == 0, f"{when}: an <img> was created from the prompt: {report}"
+    assert report["scripts_with_pwned"] == 0, f"{when}: a <script> element was created from the prompt: {report}"
+    assert report["bold_left"] == 0, f"{when}: a <b> element was created from the prompt: {report}"
+    assert not report["attributes_with_pwned"], f"{when}: prompt text reached HTML attributes: {report}"
+
+
+def test_the_extension_loads_once_without_errors(seen):
+    assert seen["frontend"]["infsplign_extensions"] == ["infsplign.relationSummary"], seen["frontend"]
+    ours = [e for e in seen["console_errors"] + seen["page_errors"] if "infsplign" in e.lower()]
+    assert not ours, f"errors from the pack in the browser console: {ours}"
+
+
+def test_example_workflow_d_shows_its_images_and_the_parsed_relation(seen):
+    from infsplign.guidance.relations import parse_relations
+
+    wf = seen["workflow"]
+    assert wf["run"]["status"] == "execution_success", f"workflow d failed in the browser: {wf['run']}"
+    assert wf["image_nodes"], "workflow d has no SaveImage/PreviewImage node"
+    for node_id in wf["image_nodes"]:
+        images = wf["images"][str(node_id)]
+        assert images, f"image node {node_id} shows no image after the run"
+        for im in images:
+            assert im["complete"] and im["width"] > 0, f"image on node {node_id} did not load: {im}"
+            assert "/view?" in im["src"], im
+        fetched = wf["image_fetch"][str(node_id)]
+        assert fetched["status"] == 200 and fetched["type"] == "image/png" and fetched["bytes"] > 1000, fetched
+
+    (parse_id,) = wf["parse_nodes"]
+    shown = wf["summaries"][str(parse_id)]
+    assert shown["widget"], "Spatial Relation Parse shows no summary after the run"
+    assert shown["box"] == shown["widget"] and shown["box_visible"], shown
+    prompt = wf["prompt"]
+    assert prompt, "workflow d has no prompt text node"
+    for r in parse_relations(prompt):
+        verb = "near" if r.relation == "near" else f"{r.relation} of"
+        assert f'"{r.object_a}" {verb} "{r.object_b}"' in shown["widget"], (prompt, shown["widget"])
+    assert "parsed" not in wf["prompt_inputs"][str(parse_id)], \
+        f"the display widget is sent to the server as an input: {wf['prompt_inputs']}"
+    _no_markup_in_dom(wf["after_run"], "workflow d")
+
+
+def test_attention_preview_shows_its_image_when_workflow_d_has_one(seen):
+    wf = seen["workflow"]
+    if not wf["attention_preview_nodes"]:
+        pytest.skip("example workflow d has no InfSplignAttentionPreview node (yet)")
+    for node_id in wf["attention_preview_nodes"]:
+        images = wf["images"][str(node_id)]
+        assert images, f"InfSplignAttentionPreview node {node_id} shows no image after the run"
+        for im in images:
+            assert im["complete"] and im["width"] > 0, f"preview image on node {node_id} did not load: {im}"
+        assert wf["image_fetch"][str(node_id)]["status"] == 200, wf["image_fetch"]
+
+
+def test_markup_in_the_prompt_is_shown_as_text(seen):
+    m = seen["markup"]
+    # A prompt with no relation: the error the frontend shows quotes it literally.
+    assert m["error_run"]["status"] == "execution_error", m["error_run"]
+    assert MARKUP in m["error_run"]["error"]["exception_message"], m["error_run"]
+    assert m["error_shown_verbatim"], "the error message with the prompt's markup is not shown as text"
+    _no_markup_in_dom(m["after_error"], "after the parse error")
+
+    # Objects named by overrides that carry markup: the summary repeats it verbatim.
+    assert m["run"]["status"] == "execution_success", m["run"]
+    assert m["text_widget"] == MARKUP
+    summary = m["summary_widget"]
+    assert summary and f'"{m["object_a"]}" left of "{m["object_b"]}"' in summary, summary
+    box = m["summary_box"]
+    assert box is not None, "no summary text box on the node"
+    assert box["value"] == summary and box["readOnly"] and box["visible"], box
+    assert box["children"] == 0, "the summary box holds elements, not text"
+    _no_markup_in_dom(m["after_run"], "after the parse")
+
+
+def test_markup_is_shown_as_text_with_the_vue_node_renderer_too(seen):
+    v = seen["vue"]
+    assert v["run"]["status"] == "execution_success", v["run"]
+    assert v["vue_enabled"] is True
+    summary = v["summary_widget"]
+    assert summary and seen["markup"]["object_b"] in summary, summary
+    assert v["boxes"], "with Nodes 2.0 the parse node shows no text box holding the summary"
+    assert all(b["readOnly"] and b["children"] == 0 for b in v["boxes"]), v["boxes"]
+    _no_markup_in_dom(v["after_run"], "Vue node renderer")
+
+
+def test_every_pack_node_has_help_in_the_frontend(seen):
+    docs = seen["help"]["docs"]
+    assert "InfSplignRelationParse" in docs and len(docs) >= 5, docs.keys()
+    for name, doc in docs.items():
+        assert doc["status"] == 200, f"no help page web/docs/{name}.md (HTTP {doc['status']})"
+        assert doc["heading"] == f"# {doc['display_name']}", (name, doc["heading"])
+        assert doc["description"], f"{name} has no DESCRIPTION (the frontend's fallback help)"
+    assert seen["help"]["panel_has_help"], "the (i) button did not open the pack's help for Spatial Relation Parse"
+    assert seen["help"]["panel_has_table"]
