@@ -62,7 +62,7 @@ class Evaluator:
         api[APPLY]["inputs"].update(settings)
         if guided_only:  # no unguided branch: decode and save the guided images only
             api["13"]["inputs"]["images"] = ["11", 0]
-            for node in ("8", "10", "12"):
+            for node in ("8", "10", "12", "14"):
                 api.pop(node)
         run = self.session.execute(api)
         if not run.success:

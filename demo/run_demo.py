@@ -95,7 +95,7 @@ def main() -> int:
             Image.fromarray(np.concatenate(rows, axis=0)).save(sheet)
             right_u = sum(s.correct for s in unguided[-1])
             right_g = sum(s.correct for s in guided[-1])
-            say(f"[{i}/{len(prompts)}] {p.text!r}: relation right in {right_u}/4 unguided, "
+            say(f"[{i}/{len(prompts)}] {p.text!r}: relation holds in {right_u}/4 unguided, "
                 f"{right_g}/4 guided ({time.monotonic() - started:.0f} s) -> {sheet}")
         say("Spatial Relation Parse, last prompt:\n" + entry["outputs"][PARSE_NODE]["text"][0])
     finally:

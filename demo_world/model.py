@@ -178,7 +178,7 @@ def load(path: Path = WEIGHTS, dtype: torch.dtype | None = None,
     if not Path(path).is_file():
         raise FileNotFoundError(
             f"InfSplign demo weights not found at {path}. Reinstall the pack, or train them "
-            "with: python -m demo_world.train (see demo_world/README.md).")
+            "with: python demo/train.py (see its --help).")
     sd = comfy.utils.load_torch_file(str(path), safe_load=True)
     unet_sd = {k[5:]: v for k, v in sd.items() if k.startswith("unet.")}
     clip_sd = {k[5:]: v.float() for k, v in sd.items() if k.startswith("clip.")}

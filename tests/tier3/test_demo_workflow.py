@@ -36,11 +36,11 @@ def test_shipped_weights_load_through_the_node_and_draw_the_objects(host):
     images = _images(run, "s", folder_paths.get_output_directory())
     assert len(images) == 4 and images[0].shape == (128, 128, 3)
     detections = [scorer.detect(img) for img in images]
-    # The model draws the colours it is told in nearly every image; shapes are its weak
-    # side (README: demo model, limits), so at least one named object must be exact.
+    # Unguided, the model draws both named objects, right colour and shape, in about 94 %
+    # of the samples (README: demo model), and nothing of another colour.
     colours = [scorer.find_by_color(d, "red") is not None and scorer.find_by_color(d, "blue") is not None
                and not {x.color for x in d if x.area > 300} - {"red", "blue"} for d in detections]
-    exact = [scorer.find(d, "red", "circle") is not None or scorer.find(d, "blue", "square") is not None
+    exact = [scorer.find(d, "red", "circle") is not None and scorer.find(d, "blue", "square") is not None
              for d in detections]
     assert sum(colours) >= 3 and sum(exact) >= 3, detections
 
