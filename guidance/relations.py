@@ -252,7 +252,7 @@ class SpatialRelations:
         lines = []
         for i, b in enumerate(self.items, 1):
             r = b.relation
-            verb = "near" if r.relation == "near" else f"{r.relation} of"
+            verb = f"{r.relation} of" if r.relation in ("left", "right") else r.relation
             lines.append(f'{i}. "{r.object_a}" {verb} "{r.object_b}"  '
                          f"(tokens {r.object_a}: {list(b.tokens_a)}, {r.object_b}: {list(b.tokens_b)})")
         lines.append(f"encoder {self.encoder}, {self.sequence_length} tokens")

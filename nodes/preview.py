@@ -403,7 +403,7 @@ def render_loss(run: RunTrace, size: int) -> Image.Image:
            "loss (what the guidance lowers)", (small, normal), False)
     y0 += panel_h + 20
     _panel(draw, (left, y0, width - right, y0 + panel_h - 20), run, spatial,
-           "spatial term (0 when the relation clearly holds)", (small, normal), True)
+           "spatial term (lowest when the relation clearly holds)", (small, normal), True)
     y = y0 + panel_h + 2
     draw.text(((width + left) / 2 - 14, y), "step", font=normal, fill=(20, 20, 20))
     # legend: images, then the markers and the window; wraps to a second line when needed
