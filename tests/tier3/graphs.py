@@ -160,3 +160,19 @@ class Collect(logging.Handler):
 
     def emit(self, record):
         self.records.append(record)
+
+
+def execute_logged(session, graph):
+    """(run, [StepReport], [warning records]) of one prompt, with the "infsplign" logger's
+    records collected around it."""
+    logger, collect = logging.getLogger("infsplign"), Collect()
+    level = logger.level
+    logger.addHandler(collect)
+    logger.setLevel(logging.INFO)
+    try:
+        run = session.execute(graph)
+    finally:
+        logger.removeHandler(collect)
+        logger.setLevel(level)
+    return (run, [r.infsplign for r in collect.records if hasattr(r, "infsplign")],
+            [r for r in collect.records if r.levelno >= logging.WARNING])

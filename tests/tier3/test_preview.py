@@ -4,7 +4,6 @@ bit-identical to plain sampling); the run is picked by its output LATENT; wrong 
 clear errors; an interrupted run leaves nothing the preview could trip on."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from graphs import Collect, insert_model_patch, workflow
+from graphs import execute_logged, insert_model_patch, workflow
 from test_robustness import assert_nothing_left, leftovers, loaded_pack
 
 pytestmark = pytest.mark.host
@@ -43,16 +42,8 @@ def with_capture_only(g, consumer="sample"):
 
 def execute(session, g):
     """(run, [StepReport]) of one prompt."""
-    logger, collect = logging.getLogger("infsplign"), Collect()
-    level = logger.level
-    logger.addHandler(collect)
-    logger.setLevel(logging.INFO)
-    try:
-        run = session.execute(g)
-    finally:
-        logger.removeHandler(collect)
-        logger.setLevel(level)
-    return run, [r.infsplign for r in collect.records if hasattr(r, "infsplign")]
+    run, reports, _ = execute_logged(session, g)
+    return run, reports
 
 
 def output(session, node, index=0):

@@ -7,13 +7,13 @@ a message that names the value and the fix.
 from __future__ import annotations
 
 import gc
-import logging
 
 import psutil
 import pytest
 import torch
 
-from graphs import Collect, insert_model_patch, workflow
+from graphs import execute_logged as execute
+from graphs import insert_model_patch, workflow
 
 pytestmark = pytest.mark.host
 SD1 = "infsplign_test_sd1.safetensors"
@@ -22,21 +22,6 @@ SDXL = "infsplign_test_sdxl.safetensors"
 SD3 = "infsplign_test_sd3.safetensors"
 PATHS = ["ksampler", "custom"]
 STEPS = 3
-
-
-def execute(session, graph):
-    """(run, [StepReport], [warning records]) of one prompt."""
-    logger, collect = logging.getLogger("infsplign"), Collect()
-    level = logger.level
-    logger.addHandler(collect)
-    logger.setLevel(logging.INFO)
-    try:
-        run = session.execute(graph)
-    finally:
-        logger.removeHandler(collect)
-        logger.setLevel(level)
-    return (run, [r.infsplign for r in collect.records if hasattr(r, "infsplign")],
-            [r for r in collect.records if r.levelno >= logging.WARNING])
 
 
 def latent(host, run, node="save_latent"):
