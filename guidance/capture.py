@@ -2,8 +2,12 @@
 
 Only the captured layers materialise attention probabilities, only for the cond rows,
 and only the object tokens' columns are kept (ALGORITHM.md section 2):
-    p = softmax(q k^T / sqrt(d)) over all context tokens, mean over heads,
-in float32 whatever the model's dtype. The store lives for one sampling run.
+    p = softmax(q k^T / (sqrt(d) T)) over all context tokens, mean over heads,
+in float32 whatever the model's dtype. T = 1 is the paper's map. A temperature T > 1
+softens only these recorded maps (the UNet's own attention is untouched): on a model whose
+word attention is so sharp that an object's map is ~0 away from the object, the centroid
+has no gradient toward the place it must go, and a softer map gives it one.
+The store lives for one sampling run.
 """
 from __future__ import annotations
 
@@ -42,16 +46,17 @@ def object_slots(relations: SpatialRelations) -> tuple[tuple[tuple[int, ...], ..
 
 
 def token_maps(q: Tensor, k: Tensor, heads: int, groups: Sequence[Sequence[int]],
-               hw: tuple[int, int]) -> Tensor:
+               hw: tuple[int, int], temperature: float = 1.0) -> Tensor:
     """Mean-over-heads attention of each token group, (B, N, H*d), (B, T, H*d) -> (B, K, h, w).
 
     A group of several tokens (a multi-token object) gets the mean of its tokens' maps.
+    `temperature` divides the logits before the softmax (1: the model's own probabilities).
     """
     b, n, inner = q.shape
     d = inner // heads
     qh = q.float().view(b, n, heads, d).transpose(1, 2)
     kh = k.float().view(k.shape[0], -1, heads, d).transpose(1, 2)
-    probs = torch.softmax((qh @ kh.transpose(-1, -2)) * d ** -0.5, dim=-1).mean(dim=1)  # (B, N, T)
+    probs = torch.softmax((qh @ kh.transpose(-1, -2)) * (d ** -0.5 / temperature), dim=-1).mean(dim=1)  # (B, N, T)
     maps = torch.stack([probs[..., list(g)].mean(dim=-1) for g in groups], dim=1)
     return maps.view(b, len(groups), *hw)
 
@@ -71,6 +76,7 @@ class CaptureStore:
 
     relations: SpatialRelations
     layers: tuple[Layer, ...]
+    temperature: float = 1.0  # softmax temperature of the recorded maps (token_maps)
     groups: tuple[tuple[int, ...], ...] = ()
     pairs: tuple[Pair, ...] = ()
     capturing: bool = False
@@ -99,7 +105,7 @@ class CaptureStore:
         chunk = q.shape[0] // len(cond_or_uncond)
         rows = [i * chunk + j for i, c in enumerate(cond_or_uncond) if c == 0 for j in range(chunk)]
         rows_t = torch.tensor(rows, device=q.device)
-        maps = token_maps(q.index_select(0, rows_t), k.index_select(0, rows_t), heads, self.groups, hw)
+        maps = token_maps(q.index_select(0, rows_t), k.index_select(0, rows_t), heads, self.groups, hw, self.temperature)
         # several cond entries (e.g. combined conditionings) are averaged per image
         self._maps[layer].append(maps.view(-1, chunk, *maps.shape[1:]).mean(dim=0))
 

@@ -37,6 +37,7 @@ class LossSettings:
     balance_weight: float = 1.0
     threshold: bool = False
     leaky_slope: float = 0.05
+    temperature: float = 1.0  # softmax temperature of the maps the loss reads (capture.token_maps)
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:

@@ -70,6 +70,9 @@ class GuidanceSettings:
                             "need 0 <= start_percent < end_percent <= 1 (default 0.0 / 0.25)")
         if not math.isfinite(self.loss.alpha) or self.loss.alpha <= 0:
             problems.append(f"alpha is {self.loss.alpha}; use a number > 0 (8 for sigmoid)")
+        if not math.isfinite(self.loss.temperature) or self.loss.temperature <= 0:
+            problems.append(f"temperature is {self.loss.temperature}; use a number > 0 (1 reads the model's "
+                            "own attention; 2-8 softens maps that are ~0 away from the object)")
         if not math.isfinite(self.loss.margin):
             problems.append(f"margin is {self.loss.margin}; use a finite number (0 for sigmoid)")
         for name in ("presence_weight", "balance_weight", "orthogonal_weight", "spatial_weight"):

@@ -37,19 +37,24 @@ def settings_inputs() -> dict:
 
 
 def make_settings(model, strength, loss, alpha, margin, orthogonal, presence_weight, balance_weight,
-                  start_percent, end_percent, threshold=False) -> GuidanceSettings:
+                  start_percent, end_percent, threshold=False, temperature=1.0) -> GuidanceSettings:
     if orthogonal == "auto":
         orthogonal = "l2" if unet_layers.family(model) == "sd1" else "none"
     return GuidanceSettings(
         strength=strength, start_percent=start_percent, end_percent=end_percent,
         loss=LossSettings(activation=loss, alpha=alpha, margin=margin, orthogonal=orthogonal,
                           presence_weight=presence_weight, balance_weight=balance_weight,
-                          threshold=threshold))
+                          threshold=threshold, temperature=temperature))
 
 
 def _optional() -> dict:
     return {"threshold": ("BOOLEAN", {"default": False, "tooltip":
-                          "Mean thresholding of the maps before their statistics (thesis Eq. 7)."})}
+                          "Mean thresholding of the maps before their statistics (thesis Eq. 7)."}),
+            "temperature": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 100.0, "step": 0.1, "tooltip":
+                            "Softmax temperature of the attention maps the loss reads; the model's own "
+                            "attention is unchanged. 1 = the paper. Raise it (2-8) when an object's map is "
+                            "~0 away from the object (very sharp word attention): the loss then has no "
+                            "gradient toward the place the object must go, and objects do not move."})}
 
 
 def _guided_model(model, relations, settings: dict):

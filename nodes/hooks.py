@@ -204,11 +204,12 @@ def capture_wrapper(relations: SpatialRelations, layers: tuple[Layer, ...]):
 
     def outer_sample(executor, *args, **kwargs):
         guider = executor.class_obj
-        store = CaptureStore(relations, layers)
         # CFGGuider.sample made guider.model_options a per-run copy of nested dicts.
         guidance = get_wrappers_with_key(WrappersMP.PREDICT_NOISE, GUIDANCE_KEY, guider.model_options,
                                          is_model_options=True)
         settings = getattr(guidance[0], "settings", None) if guidance else None
+        # the maps are read at the guidance's temperature, so the trace shows what the loss saw
+        store = CaptureStore(relations, layers, temperature=settings.loss.temperature if settings else 1.0)
         run = trace.start(settings.loss if settings is not None else LossSettings(), guided=bool(guidance))
         _install_capture(guider.model_options, store, run, observe=not guidance)
         try:

@@ -392,7 +392,8 @@ def render_loss(run: RunTrace, size: int) -> Image.Image:
     images = records[0].loss.shape[0] if records else 0
     s = run.settings
     how = (f"loss {s.activation}, alpha {s.alpha:g}, margin {s.margin:g}, orthogonal {s.orthogonal}"
-           + (", thresholded maps" if s.threshold else ""))
+           + (", thresholded maps" if s.threshold else "")
+           + (f", maps at temperature {s.temperature:g}" if s.temperature != 1 else ""))
     how = (f"this run's guidance settings: {how}" if run.guided
            else f"observed only (no guidance on this model), default settings: {how}")
     draw.text((12, 30), _fit(draw, how, small, width - 24), font=small, fill=(110, 110, 110))

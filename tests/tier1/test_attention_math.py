@@ -165,6 +165,8 @@ def test_window_rule_and_its_tolerance():
     ({"start_percent": 0.5, "end_percent": 0.25}, "start_percent 0.5 / end_percent 0.25"),
     ({"loss": LossSettings(alpha=0.0)}, "alpha is 0.0"),
     ({"loss": LossSettings(presence_weight=-2.0)}, "presence_weight is -2.0"),
+    ({"loss": LossSettings(temperature=0.0)}, "temperature is 0.0"),
+    ({"loss": LossSettings(temperature=float("inf"))}, "temperature is inf"),
 ])
 def test_settings_errors_name_the_value_and_the_fix(kwargs, names):
     from infsplign.guidance.step import GuidanceSettings
@@ -179,3 +181,35 @@ def test_unknown_loss_names_are_refused():
         LossSettings(activation="tanh")
     with pytest.raises(ValueError, match='orthogonal term "l3"'):
         LossSettings(orthogonal="l3")
+
+
+def test_temperature_divides_the_logits_of_the_recorded_maps():
+    from infsplign.guidance.capture import token_maps
+    g = torch.Generator().manual_seed(0)
+    b, n, t, heads, d = 2, 16, 6, 2, 4
+    q, k = torch.randn(b, n, heads * d, generator=g), torch.randn(b, t, heads * d, generator=g)
+    logits = q.view(b, n, heads, d).transpose(1, 2) @ k.view(b, t, heads, d).transpose(1, 2).transpose(-1, -2)
+    for temperature in (1.0, 4.0):
+        want = torch.softmax(logits * d ** -0.5 / temperature, dim=-1).mean(dim=1)  # (b, n, t)
+        got = token_maps(q, k, heads, [(1,), (2, 3)], (4, 4), temperature)
+        assert torch.allclose(got[:, 0].reshape(b, n), want[..., 1], atol=1e-6)
+        assert torch.allclose(got[:, 1].reshape(b, n), want[..., 2:4].mean(-1), atol=1e-6)
+    assert torch.equal(token_maps(q, k, heads, [(1,)], (4, 4)), token_maps(q, k, heads, [(1,)], (4, 4), 1.0))
+
+
+def test_temperature_gives_a_saturated_map_a_gradient_toward_the_target():
+    """A word whose attention is ~1 on one cell and ~1e-13 elsewhere: its centroid cannot be
+    pulled across the map at temperature 1, and can at temperature 4."""
+    h = w = 4
+    k = torch.zeros(1, 2, 1)
+    k[0, 1, 0] = 1.0  # token 1 is the object word, token 0 takes the rest
+    logit = torch.full((1, h * w, 1), -30.0)
+    logit[0, 5, 0] = 30.0  # the object sits on cell (1, 1)
+    from infsplign.guidance.capture import token_maps
+    pulls = []
+    for temperature in (1.0, 4.0):
+        q = logit.clone().requires_grad_(True)
+        maps = token_maps(q, k, 1, [(1,)], (h, w), temperature)
+        centroids(maps)[0, 0, 0].backward()  # x of the centroid; the loss would push it right
+        pulls.append(q.grad[0, :, 0].view(h, w)[:, 3].abs().max().item())  # on the far right column
+    assert pulls[0] < 1e-12 and pulls[1] > 1e-5, pulls  # 1e8 times more pull at temperature 4

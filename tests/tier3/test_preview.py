@@ -147,6 +147,23 @@ def test_custom_sampler_with_infsplign_guider(host, checkpoints, guided):
 
 
 @pytest.mark.parametrize("path", ["ksampler", "custom"])
+def test_the_loss_reads_maps_at_the_guidance_temperature(host, checkpoints, path):
+    """temperature softens the maps the loss (and so the trace) reads. Step 0 sees the same
+    latent at both temperatures, so its maps differ only by the softmax: flatter at 4."""
+    spread = {}
+    for temperature in (1.0, 4.0):
+        session = host.Session()
+        run, reports = execute(session, graph(path, temperature=temperature))
+        assert run.success, run.error()
+        patcher = output(session, "apply") if path == "ksampler" else output(session, "guider").model_patcher
+        (trace_run,) = trace_of(patcher).runs
+        maps = trace_run.steps[0].maps  # (images, objects, h, w)
+        spread[temperature] = maps.amax(dim=(-2, -1)) / maps.mean(dim=(-2, -1))
+        assert reports[0].applied
+    assert (spread[4.0] < spread[1.0]).all(), spread
+
+
+@pytest.mark.parametrize("path", ["ksampler", "custom"])
 def test_capture_only_run_is_bit_identical_and_previews(host, checkpoints, path):
     """Attention Capture Patch alone (no guidance): the sampler's latents are bit-identical
     to plain sampling, every step is recorded (observed, none guided), and its maps and
