@@ -3,6 +3,7 @@
     .venv/bin/python demo/evaluate.py                 # 52 evaluation prompts x 4 seeds, both arms
     .venv/bin/python demo/evaluate.py --tune          # the tuning grid, on the tuning prompts
     .venv/bin/python demo/evaluate.py --prompts 8     # a quick look
+    .venv/bin/python demo/evaluate.py --tune --steps 50 --scheduler beta --temperature 4   # other sampling
 
 Each prompt runs the example workflow d (unguided and guided KSampler from the same seed,
 batch of 4: the four seeds of a prompt are the batch's four initial noises) in-process with
@@ -32,9 +33,9 @@ import ui_workflow as wf  # noqa: E402
 
 WORKFLOW = ROOT / "example_workflows" / "d_demo_model_unguided_vs_guided.json"
 TEXT, LATENT, APPLY, PLAIN, GUIDED, SAVE = "2", "6", "7", "8", "9", "13"
-SETTING_NAMES = ("strength", "loss", "alpha", "margin", "orthogonal", "presence_weight",
+SETTING_NAMES = ("strength", "loss", "alpha", "margin", "orthogonal", "presence_weight", "temperature",
                  "balance_weight", "start_percent", "end_percent")
-TUNING_GRID = {"strength": (0.0, 10.0, 30.0, 100.0, 300.0), "end_percent": (0.25, 0.5)}  # strength 0: unguided
+TUNING_GRID = {"temperature": (1.0, 4.0, 8.0), "strength": (0.0, 20.0, 50.0, 100.0)}  # strength 0: unguided
 
 
 class Evaluator:
@@ -52,13 +53,17 @@ class Evaluator:
         self.out = out
         self._model = None
 
-    def run(self, prompt, seed: int, settings: dict, guided_only: bool = False, cfg: float | None = None):
-        """(unguided images, guided images) of one prompt, 4 seeds each, (H, W, 3) in [0, 1]."""
+    def run(self, prompt, seed: int, settings: dict, guided_only: bool = False, cfg: float | None = None,
+            sampling: dict | None = None):
+        """(unguided images, guided images) of one prompt, 4 seeds each, (H, W, 3) in [0, 1].
+        `sampling` overrides KSampler inputs of both arms (steps, sampler_name, scheduler)."""
         api = json.loads(json.dumps(self.api))
         api[TEXT]["inputs"]["value"] = prompt.text
         api[PLAIN]["inputs"]["seed"] = api[GUIDED]["inputs"]["seed"] = seed
         if cfg is not None:
             api[PLAIN]["inputs"]["cfg"] = api[GUIDED]["inputs"]["cfg"] = cfg
+        for node in (PLAIN, GUIDED):
+            api[node]["inputs"].update(sampling or {})
         api[APPLY]["inputs"].update(settings)
         if guided_only:  # no unguided branch: decode and save the guided images only
             api["13"]["inputs"]["images"] = ["11", 0]
@@ -119,6 +124,8 @@ def main() -> int:
     ap.add_argument("--grid", type=json.loads, default=TUNING_GRID,
                     help='tuning grid as JSON, e.g. \'{"strength": [10, 30], "margin": [0, 0.1]}\'')
     ap.add_argument("--cfg", type=float, default=None, help="CFG of both KSamplers (workflow: 5)")
+    ap.add_argument("--steps", type=int, default=None, help="steps of both KSamplers (workflow: 20)")
+    ap.add_argument("--scheduler", default=None, help="scheduler of both KSamplers (workflow: normal)")
     ap.add_argument("--out", type=Path, default=ROOT / "output" / "evaluate")
     for name in SETTING_NAMES:
         ap.add_argument(f"--{name.replace('_', '-')}", dest=name,
@@ -126,6 +133,8 @@ def main() -> int:
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     ev = Evaluator(a.out)
+    sampling = {k: v for k, v in (("steps", a.steps), ("scheduler", a.scheduler)) if v is not None}
+    sampling_text = f"cfg {a.cfg or 'workflow d'}" + "".join(f", {k} {v}" for k, v in sampling.items())
     evaluation_prompts, tuning_prompts = ev.evaluation.prompt_sets(a.prompts, a.tune_prompts)
     t0 = time.monotonic()
 
@@ -134,20 +143,20 @@ def main() -> int:
               f"{ev.evaluation.TUNING_NOISE_SEED}), guided arm only", flush=True)
         for values in itertools.product(*a.grid.values()):
             settings = {**settings_from(a), **dict(zip(a.grid, values))}
-            scores = [ev.evaluation.score_images(p, ev.run(p, ev.evaluation.TUNING_NOISE_SEED, settings, True, a.cfg)[1])
+            scores = [ev.evaluation.score_images(p, ev.run(p, ev.evaluation.TUNING_NOISE_SEED, settings, True, a.cfg, sampling)[1])
                       for p in tuning_prompts]
             m = ev.scorer.visor(scores)
-            print(f"{settings} cfg {a.cfg or 'workflow d'}: OA {m['OA']:.1f}  VISOR_cond {m['VISOR_cond']:.1f}  "
+            print(f"{settings} {sampling_text}: OA {m['OA']:.1f}  VISOR_cond {m['VISOR_cond']:.1f}  "
                   f"VISOR_uncond {m['VISOR_uncond']:.1f}  ({time.monotonic() - t0:.0f} s)", flush=True)
         return 0
 
     settings = settings_from(a)
     print(f"evaluating {len(evaluation_prompts)} prompts x 4 seeds (noise seed "
-          f"{ev.evaluation.EVAL_NOISE_SEED}), settings {settings or 'workflow d'}, cfg {a.cfg or 'workflow d'}",
+          f"{ev.evaluation.EVAL_NOISE_SEED}), settings {settings or 'workflow d'}, {sampling_text}",
           flush=True)
     unguided, guided, local = [], [], []
     for i, p in enumerate(evaluation_prompts, 1):
-        u, g = ev.run(p, ev.evaluation.EVAL_NOISE_SEED, settings, cfg=a.cfg)
+        u, g = ev.run(p, ev.evaluation.EVAL_NOISE_SEED, settings, cfg=a.cfg, sampling=sampling)
         unguided.append(ev.evaluation.score_images(p, u))
         guided.append(ev.evaluation.score_images(p, g))
         local += ev.localisation(p, u)
