@@ -24,7 +24,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / ".host" / "ComfyUI"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "host"), str(ROOT / "tests")]
+from comfy_server import COMFY  # noqa: E402  (the host tree: .host/ComfyUI, or make test COMFYUI=...)
+
+sys.path.insert(0, str(COMFY))
 
 from comfy.cli_args import args  # noqa: E402
 

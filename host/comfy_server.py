@@ -1,11 +1,19 @@
-"""Start and drive a real ComfyUI HTTP server (main.py --cpu on loopback) with this pack.
+"""The ComfyUI host, and a real HTTP server of it (main.py --cpu on loopback) with this pack.
 
-Used by the tests (tier 3) and by `make demo`. Only loopback addresses are used.
+Used by the tests (tiers 2 to 4), `bench/` and `make demo`. Only loopback addresses are used.
+
+Which host: by default the development host that `make setup` builds (`.host/ComfyUI`, run
+by `.venv/bin/python`, this pack linked into its custom_nodes/). `make test COMFYUI=...
+PYTHON=...` (host/external.sh) sets the environment variables below instead: another
+ComfyUI tree, the Python that runs it, and a base directory of the harness's own
+(`--base-directory`: custom_nodes/ with this pack and the test kit, models, input, output,
+user), so the tree itself is never written to.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -14,8 +22,18 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMFY = ROOT / ".host" / "ComfyUI"
-PYTHON = ROOT / ".venv" / "bin" / "python"
+COMFY = Path(os.environ.get("INFSPLIGN_COMFYUI") or ROOT / ".host" / "ComfyUI").resolve()
+PYTHON = Path(os.environ.get("INFSPLIGN_PYTHON") or ROOT / ".venv" / "bin" / "python")
+# ComfyUI's --base-directory for custom_nodes/, models, input, output and user data; None:
+# the tree's own folders (the development host, where host/setup.sh linked the pack).
+BASE = Path(os.environ["INFSPLIGN_COMFY_BASE"]).resolve() if os.environ.get("INFSPLIGN_COMFY_BASE") else None
+
+
+def version() -> str:
+    """The host's ComfyUI version, read from its comfyui_version.py (nothing is imported)."""
+    text = (COMFY / "comfyui_version.py").read_text()
+    match = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text)
+    return match.group(1) if match else "unknown"
 
 
 def free_port() -> int:
@@ -35,6 +53,8 @@ class Server:
         self.output = workdir / "output"
         args = [str(PYTHON), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                 "--output-directory", str(self.output), "--disable-auto-launch"]
+        if BASE is not None:  # and the database with it, not in the tree's user/ folder
+            args += ["--base-directory", str(BASE), "--database-url", f"sqlite:///{BASE / 'user' / 'comfyui.db'}"]
         if checkpoints is not None:
             cfg = workdir / "extra_model_paths.yaml"
             cfg.write_text(json.dumps({"infsplign_tests": {"base_path": str(checkpoints),
