@@ -8,6 +8,7 @@ every prompt under torch.inference_mode() exactly as a user's server does.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "host"))
-from comfy_server import COMFY, Server  # noqa: E402,F401  (the HTTP tier uses host.Server)
+from comfy_server import BASE, COMFY, Server, version  # noqa: E402,F401  (the HTTP tier uses host.Server)
 
 _booted = False
 
@@ -31,6 +32,8 @@ def boot() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from comfy.cli_args import args
     args.cpu = True
+    if BASE is not None:  # another ComfyUI tree: custom_nodes/, models, output of the harness's own
+        args.base_directory = str(BASE)
     import comfy.model_management  # noqa: F401  (reads args.cpu)
     import utils.extra_config  # noqa: F401  (must precede `nodes`, see COMFYUI.md)
     import nodes
@@ -74,7 +77,8 @@ class Session:
         boot()
         import execution
         self.sink = _Messages()
-        self.executor = execution.PromptExecutor(self.sink, cache_args={"lru": 0, "ram": 0})
+        # "ram_inactive": read by newer executors (0.33) next to "ram"; older ones ignore it
+        self.executor = execution.PromptExecutor(self.sink, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
 
     def execute(self, prompt: dict) -> Run:
         import execution
@@ -86,6 +90,16 @@ class Session:
         self.executor.execute(prompt, prompt_id, {"client_id": "tests"}, valid[2])
         outputs = self.executor.history_result.get("outputs", {}) if self.executor.success else {}
         return Run(self.executor.success, outputs, list(self.sink.messages))
+
+    def cached(self, node_id: str):
+        """The executor's cached output entry of a node of the last prompt (the caches'
+        `get` is a coroutine on newer ComfyUI, a plain call on older)."""
+        entry = self.executor.caches.outputs.get(node_id)
+        return asyncio.run(entry) if inspect.isawaitable(entry) else entry
+
+    def output(self, node_id: str, index: int = 0):
+        """Output `index` (first batch entry) of a node of the last prompt, from the cache."""
+        return self.cached(node_id).outputs[index][0]
 
 
 def execute(prompt: dict) -> Run:

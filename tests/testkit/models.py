@@ -13,6 +13,7 @@ depth 10 on output blocks 0..2.
 """
 from __future__ import annotations
 
+import inspect
 import zlib
 from dataclasses import dataclass
 
@@ -190,7 +191,16 @@ def checkpoint_state_dict(topology: str, seed: int = 0) -> dict[str, torch.Tenso
 
     taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
     vae_sd = _filled(taesd, seed + 2)
-    return model.state_dict_for_saving(clip_sd, vae_sd)
+    return _for_saving(model, clip_sd, vae_sd)
+
+
+def _for_saving(model, clip_sd: dict, vae_sd: dict) -> dict:
+    """BaseModel.state_dict_for_saving by keyword. Newer ComfyUI (0.33) takes the UNet's state
+    dict as a leading parameter (`unet_state_dict`); older ones read it off the model."""
+    kwargs = {"clip_state_dict": clip_sd, "vae_state_dict": vae_sd}
+    if "unet_state_dict" in inspect.signature(model.state_dict_for_saving).parameters:
+        kwargs["unet_state_dict"] = model.diffusion_model.state_dict()
+    return model.state_dict_for_saving(**kwargs)
 
 
 def load(topology: str, seed: int = 0, dtype: torch.dtype | None = None,

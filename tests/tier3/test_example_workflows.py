@@ -202,8 +202,12 @@ def check_against_object_info(workflow: dict, info: dict) -> list[str]:
             if not wf.is_widget(spec) and name not in linked:
                 errors.append(f"{where}: required input {name} is not connected")
         outs = [(o["name"], o["type"]) for o in n.get("outputs", [])]
-        if outs != list(zip(entry["output_name"], entry["output"])):
-            errors.append(f'{where}: outputs {outs} != {list(zip(entry["output_name"], entry["output"]))}')
+        want = list(zip(entry["output_name"], entry["output"]))
+        # A core node may gain outputs at the end in a later ComfyUI (SaveImage's IMAGE in 0.33):
+        # a file saved before lists the ones it had, and the frontend adds the new ones on load.
+        # The pack's own nodes match exactly.
+        if outs != want and (n["type"].startswith("InfSplign") or outs != want[:len(outs)]):
+            errors.append(f"{where}: outputs {outs} != {want}")
         # widgets_values: each widget's value, then its control values, in input_order
         values = list(n.get("widgets_values") or [])
         cursor, upload = 0, False
@@ -320,7 +324,7 @@ def test_example_workflow(path, server, host, provided, object_info, loaded_file
     for key in outputs:
         ref = api[key]["inputs"]["images"]
         h, w = image_size(api, ref)
-        cached = session.executor.caches.outputs.get(ref[0])
+        cached = session.cached(ref[0])
         tensor = cached.outputs[ref[1]]
         tensor = tensor[0] if isinstance(tensor, list) else tensor
         assert tensor.shape[1:] == (h, w, 3), (key, tuple(tensor.shape))

@@ -190,7 +190,7 @@ def test_patches_stay_off_the_source_model_and_other_branches(host, checkpoints)
     assert torch.equal(a, latent(host, host.execute(workflow(SD1, "ksampler", steps=STEPS))))
     assert torch.equal(b, latent(host, host.execute(workflow(SD1, "ksampler", steps=STEPS, guided=False))))
 
-    source = session.executor.caches.outputs.get("ckpt").outputs[0][0]
+    source = session.output("ckpt")
     for kind in (WrappersMP.OUTER_SAMPLE, WrappersMP.PREDICT_NOISE, WrappersMP.CALC_COND_BATCH):
         assert not source.get_wrappers(kind, "infsplign.capture") + source.get_wrappers(kind, "infsplign.guidance") \
             + source.get_wrappers(kind, "infsplign.split")

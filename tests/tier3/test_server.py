@@ -1,6 +1,8 @@
 """Tier 3: the real HTTP server (`main.py --cpu` on loopback) with the pack installed."""
 import pytest
 
+import comfy_host
+
 from graphs import txt2img
 
 pytestmark = [pytest.mark.host, pytest.mark.server]
@@ -43,4 +45,4 @@ def test_node_error_leaves_the_server_running(server):
     entry = server.run(txt2img("infsplign_test_sd1.safetensors", text="a cat behind a dog"))
     assert entry["status"]["status_str"] == "error"
     assert any("depth relation" in str(m) for m in entry["status"]["messages"])
-    assert server.get("/system_stats")["system"]["comfyui_version"] == "0.3.75"
+    assert server.get("/system_stats")["system"]["comfyui_version"] == comfy_host.version()  # the tree the server runs
