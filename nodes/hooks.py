@@ -79,12 +79,13 @@ def capture_patch(store: CaptureStore, layer: Layer, previous=None):
 def stop_graph_after(store: CaptureStore):
     """output_block_patch: on a guided step, the decoder blocks after the last captured
     layer run on detached inputs. The loss does not depend on them, so they need no
-    autograd graph (no saved activations, no bookkeeping); their values are unchanged."""
+    autograd graph (no saved activations, no bookkeeping); their values are unchanged. `hsp`
+    may be None: since ComfyUI 0.33 an earlier output_block_patch may have merged the skip."""
     last = max(layer.block for layer in store.layers)
 
     def patch(h, hsp, transformer_options):
         if store.capturing and torch.is_grad_enabled() and transformer_options["block"][1] > last:
-            return h.detach(), hsp.detach()
+            return h.detach(), None if hsp is None else hsp.detach()
         return h, hsp
     return patch
 
@@ -111,25 +112,27 @@ def autograd_guard(store: CaptureStore, patch):
     without autograd; if it wrote into them, those output values are used exactly and the
     gradient passes through the patch as through the identity (straight-through). If it
     did not, it runs again with autograd and keeps its exact gradient; which of the two a
-    block needs is remembered for the run. Outside guided steps nothing changes."""
+    block needs is remembered for the run. Outside guided steps nothing changes. An
+    output_block_patch's skip (`hsp`) may come and go as None (ComfyUI 0.33 allows it)."""
     writes: dict[tuple, bool] = {}
 
     def guarded(*args):
         if not (store.capturing and torch.is_grad_enabled()):
             return patch(*args)
         *tensors, options = args
-        key = (options.get("block"), *(tuple(t.shape) for t in tensors))
+        key = (options.get("block"), *(None if t is None else tuple(t.shape) for t in tensors))
         if writes.get(key) is False:
             return patch(*args)
         with torch.no_grad():
-            copies = [t.detach().clone() for t in tensors]
-            versions = [c._version for c in copies]
+            copies = [None if t is None else t.detach().clone() for t in tensors]
+            versions = [None if c is None else c._version for c in copies]
             out = patch(*copies, options)
-        writes[key] = [c._version for c in copies] != versions
+        writes[key] = [None if c is None else c._version for c in copies] != versions
         if not writes[key]:
             return patch(*args)
         outs = out if isinstance(out, tuple) else (out,)
-        through = tuple(t + (o - t.detach()) if o.shape == t.shape else o for t, o in zip(tensors, outs))
+        through = tuple(o if t is None or o is None or o.shape != t.shape else t + (o - t.detach())
+                        for t, o in zip(tensors, outs))
         return through if isinstance(out, tuple) else through[0]
     return guarded
 

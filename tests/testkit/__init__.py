@@ -167,15 +167,47 @@ class Fault:
         return (m,)
 
 
+class SkipMerge:
+    """Another pack's output_block_patch that joins the skip connection itself and hands the
+    UNet `hsp = None` (allowed since ComfyUI 0.33, which then skips its own concatenation):
+    h becomes cat(h, scale * hsp) on the listed output blocks. `calls[tag]` counts calls."""
+
+    CATEGORY = "InfSplign testkit"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    calls: dict[str, int] = {}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "blocks": ("STRING", {"default": "3,4,5,6,7,8"}),
+                             "scale": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 2.0}),
+                             "tag": ("STRING", {"default": "merge"})}}
+
+    def patch(self, model, blocks, scale, tag):
+        wanted = {int(b) for b in blocks.split(",")}
+        calls = SkipMerge.calls
+
+        def output_block_patch(h, hsp, transformer_options):
+            if hsp is None or transformer_options["block"][1] not in wanted:
+                return h, hsp
+            calls[tag] = calls.get(tag, 0) + 1
+            return torch.cat([h, hsp * scale], dim=1), None
+        m = model.clone()
+        m.set_model_output_block_patch(output_block_patch)
+        return (m,)
+
+
 NODE_CLASS_MAPPINGS = {
     "InfSplignTestModel": TestModel,
     "InfSplignTestGradientProbe": GradientProbe,
     "InfSplignTestAttentionPatch": AttentionPatch,
     "InfSplignTestFault": Fault,
+    "InfSplignTestSkipMerge": SkipMerge,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "InfSplignTestModel": "Test model (InfSplign testkit)",
     "InfSplignTestGradientProbe": "Gradient probe (InfSplign testkit)",
     "InfSplignTestAttentionPatch": "Attention patch of another pack (InfSplign testkit)",
     "InfSplignTestFault": "Misbehaving attention patch (InfSplign testkit)",
+    "InfSplignTestSkipMerge": "Output-block patch that merges the skip (InfSplign testkit)",
 }

@@ -433,3 +433,35 @@ def test_other_topologies_with_a_batch_at_a_non_square_size(run, topology):
     assert guided.latent.shape == (2, 4, 6, 10)
     for i in range(2):
         assert differs(guided.latent[i], plain.latent[i])
+
+
+# -- an output_block_patch that merges the skip itself (hsp None) ------------------------
+
+MERGE = {"blocks": "3,4,5,6,7,8,9,10,11", "scale": 0.9, "tag": "merge"}
+
+
+@pytest.mark.parametrize("path, order", [("ksampler", "before"), ("ksampler", "after"), ("custom", "before")])
+def test_output_block_patch_that_hands_on_no_skip(run, host, path, order):
+    """Another pack's output_block_patch joins the skip connection itself and returns
+    hsp = None (ComfyUI 0.33 accepts it; older hosts fail in their own torch.cat, with or
+    without InfSplign, and the test is skipped there). Guidance is applied through it, the
+    patch ran on every output block of every step, and it changes the image."""
+    import nodes
+    calls = nodes.NODE_CLASS_MAPPINGS["InfSplignTestSkipMerge"].calls  # the class ComfyUI loaded
+    plain = host.execute(insert_model_patch(workflow(SD1, path, steps=1, guided=False), "merge",
+                                            "InfSplignTestSkipMerge", **MERGE))
+    if not plain.success:
+        pytest.skip(f"ComfyUI {host.version()} does not accept hsp None from an output_block_patch "
+                    f"({plain.error()[:120]})")
+    g = workflow(SD1, path, steps=STEPS)
+    if order == "before":
+        insert_model_patch(g, "merge", "InfSplignTestSkipMerge", **MERGE)
+    else:
+        insert_model_patch(g, "merge", "InfSplignTestSkipMerge", after="apply", **MERGE)
+    calls.clear()
+    merged = run(g)
+    assert_guided(merged)
+    # 9 blocks, in the cond and the uncond pass of each step (a guarded patch runs once more
+    # per block on the first guided step, on copies, to see whether it writes in place)
+    assert calls["merge"] >= 9 * STEPS * 2
+    assert differs(merged.latent, base(run, path).latent)
