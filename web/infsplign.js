@@ -1,9 +1,10 @@
 // InfSplign web extension: after a run, Spatial Relation Parse shows its parsed summary
 // on the node, in a read-only text box.
 //
-// Safety: the summary repeats words of the user's prompt. It is only ever assigned to a
-// <textarea>'s `value` (plain text), never to innerHTML or any HTML sink, so markup in a
-// prompt shows as the characters typed (tests/tier4 checks this in the real frontend).
+// Safety: the summary repeats words of the user's prompt. It is only ever a text widget's
+// value, which both node renderers put into a <textarea>'s `value` (plain text), never into
+// innerHTML or any HTML sink, so markup in a prompt shows as the characters typed
+// (tests/tier4 checks this in the real frontend, with both renderers).
 //
 // Help: the frontend's node help panel (the (i) button of the selection toolbox, or the
 // node library) reads web/docs/<NodeClass>.md, served at /extensions/<pack>/docs/.
@@ -38,28 +39,48 @@ function summaryText(message) {
 }
 
 function showSummary(node, text) {
-  let widget = node.widgets?.find((w) => w.name === SUMMARY);
-  if (!widget) {
+  const widget = node.widgets?.find((w) => w.name === SUMMARY) ?? addSummaryWidget(node);
+  widget.value = text;
+  node.setDirtyCanvas?.(true, true);
+}
+
+/** A read-only multiline text widget for the summary, shown by both node renderers.
+ *
+ * The frontend's own multiline STRING widget (ComfyWidgets.STRING) where it has one: the
+ * classic renderer shows it as a <textarea>, and the Vue renderer ("Nodes 2.0", frontend
+ * 1.3x and later) draws its own text box from the widget's value, which only the
+ * frontend's own widgets keep it told of (a plain DOM widget's box stays empty there).
+ * Otherwise a DOM widget holding our own <textarea>. Either way the text reaches the page
+ * only as a textarea's value. */
+function addSummaryWidget(node) {
+  const STRING = window.comfyAPI?.widgets?.ComfyWidgets?.STRING;
+  let widget;
+  if (STRING) {
+    widget = STRING(node, SUMMARY, ["STRING", { multiline: true }], app).widget;
+  } else {
     const box = document.createElement("textarea");
-    box.className = "comfy-multiline-input infsplign-summary";
-    box.readOnly = true;
-    box.spellcheck = false;
-    box.placeholder = "parsed relations (after a run)";
-    box.setAttribute("aria-label", "Parsed spatial relations");
-    box.dataset.infsplign = "summary";
+    box.className = "comfy-multiline-input";
     widget = node.addDOMWidget(SUMMARY, "customtext", box, {
       getValue: () => box.value,
       setValue: (v) => {
         box.value = v == null ? "" : String(v); // plain text, never HTML
       },
-      serialize: false, // display only: not sent to the server with the prompt
-      read_only: true, // the Vue node renderer ("Nodes 2.0") draws its own read-only text box
     });
-    widget.serialize = false; // and not saved into the workflow file
     widget.inputEl = box;
-    const size = node.computeSize?.();
-    if (size) node.setSize?.([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);
   }
-  widget.value = text;
-  node.setDirtyCanvas?.(true, true);
+  widget.serialize = false; // display only: not saved into the workflow file
+  widget.options ??= {};
+  Object.assign(widget.options, { serialize: false, read_only: true }); // nor sent with the prompt
+  const box = widget.inputEl ?? widget.element;
+  if (box instanceof HTMLTextAreaElement) {
+    box.readOnly = true;
+    box.spellcheck = false;
+    box.placeholder = "parsed relations (after a run)";
+    box.setAttribute("aria-label", "Parsed spatial relations");
+    box.classList.add("infsplign-summary");
+    box.dataset.infsplign = "summary";
+  }
+  const size = node.computeSize?.();
+  if (size) node.setSize?.([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);
+  return widget;
 }

@@ -194,7 +194,19 @@ async function markupCase(page) {
   await page.evaluate(async (g) => { await window.app.loadGraphData(g); }, parseGraph([MARKUP, "", "from text", ""]));
   out.error_run = await runGraph(page, "markup_error");
   await page.waitForTimeout(500);
-  out.error_shown_verbatim = await page.evaluate((m) => document.body.innerText.includes(m.slice(0, 60)), MARKUP);
+  const shown = () => page.evaluate((m) => document.body.innerText.includes(m.slice(0, 60)), MARKUP);
+  out.error_shown_verbatim = await shown();
+  if (!out.error_shown_verbatim) {
+    // Newer frontends (1.4x) show a toast first; its "View details" opens the error panel.
+    const details = page.getByRole("button", { name: "View details" }).first();
+    out.error_details_button = (await details.count()) > 0;
+    if (out.error_details_button) {
+      await details.click({ timeout: 10_000 });
+      await page.waitForFunction((m) => document.body.innerText.includes(m.slice(0, 60)), MARKUP,
+        { timeout: 10_000 }).catch(() => {});
+      out.error_shown_verbatim = await shown();
+    }
+  }
   out.after_error = await injectionReport(page);
   await page.screenshot({ path: path.join(SHOTS, "markup_error.png") });
   result.screenshots.markup_error = path.join(SHOTS, "markup_error.png");
