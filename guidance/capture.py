@@ -45,19 +45,62 @@ def object_slots(relations: SpatialRelations) -> tuple[tuple[tuple[int, ...], ..
     return tuple(groups), tuple(pairs)
 
 
+class _ObjectTokenProbs(torch.autograd.Function):
+    """softmax(q k^T * scale)[..., columns], per head, keeping only q, k, the float32
+    logsumexp and the result for backward: (B, N, H*d), (B, T, H*d) -> (B, H, N, J).
+
+    The softmax over all T context tokens is needed (its normaliser), but only the object
+    tokens' J columns are kept; backward recomputes the logits from q and k. q and k are
+    the attention's own inputs, which the attention keeps for its backward anyway."""
+
+    @staticmethod
+    def forward(ctx, q, k, heads, columns, scale):
+        qh, kh = _split_heads(q, heads), _split_heads(k, heads)
+        logits = (qh @ kh.transpose(-1, -2)) * scale  # (B, H, N, T), transient
+        lse = torch.logsumexp(logits, dim=-1)
+        probs = torch.exp(logits.index_select(-1, columns) - lse[..., None])
+        ctx.save_for_backward(q, k, lse, probs, columns)
+        ctx.heads, ctx.scale = heads, scale
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, lse, probs, columns = ctx.saved_tensors
+        qh, kh = _split_heads(q, ctx.heads), _split_heads(k, ctx.heads)
+        p_all = torch.exp((qh @ kh.transpose(-1, -2)) * ctx.scale - lse[..., None])  # (B, H, N, T)
+        # d p_j / d l_t = p_j (delta_jt - p_t):  dL/dl = P * (G - sum_j g_j p_j)
+        spread = torch.zeros_like(p_all).index_add_(-1, columns, grad)
+        dlogits = p_all * (spread - (grad * probs).sum(dim=-1, keepdim=True))
+        dq = (dlogits @ kh) * ctx.scale
+        dk = (dlogits.transpose(-1, -2) @ qh) * ctx.scale
+        return _merge_heads(dq, q), _merge_heads(dk, k), None, None, None
+
+
+def _split_heads(t: Tensor, heads: int) -> Tensor:
+    """(B, N, H*d) -> (B, H, N, d) in float32 at least (whatever the model's dtype)."""
+    b, n, inner = t.shape
+    return t.to(torch.promote_types(t.dtype, torch.float32)).view(b, n, heads, inner // heads).transpose(1, 2)
+
+
+def _merge_heads(t: Tensor, like: Tensor) -> Tensor:
+    return t.transpose(1, 2).reshape(like.shape).to(like.dtype)
+
+
 def token_maps(q: Tensor, k: Tensor, heads: int, groups: Sequence[Sequence[int]],
                hw: tuple[int, int], temperature: float = 1.0) -> Tensor:
     """Mean-over-heads attention of each token group, (B, N, H*d), (B, T, H*d) -> (B, K, h, w).
 
     A group of several tokens (a multi-token object) gets the mean of its tokens' maps.
     `temperature` divides the logits before the softmax (1: the model's own probabilities).
+    Only the object tokens' probabilities are kept for backward (_ObjectTokenProbs).
     """
     b, n, inner = q.shape
     d = inner // heads
-    qh = q.float().view(b, n, heads, d).transpose(1, 2)
-    kh = k.float().view(k.shape[0], -1, heads, d).transpose(1, 2)
-    probs = torch.softmax((qh @ kh.transpose(-1, -2)) * (d ** -0.5 / temperature), dim=-1).mean(dim=1)  # (B, N, T)
-    maps = torch.stack([probs[..., list(g)].mean(dim=-1) for g in groups], dim=1)
+    columns = sorted({t for g in groups for t in g})
+    index = torch.tensor(columns, device=q.device)
+    probs = _ObjectTokenProbs.apply(q, k, heads, index, d ** -0.5 / temperature).mean(dim=1)  # (B, N, J)
+    slot = {t: i for i, t in enumerate(columns)}
+    maps = torch.stack([probs[..., [slot[t] for t in g]].mean(dim=-1) for g in groups], dim=1)
     return maps.view(b, len(groups), *hw)
 
 
@@ -72,6 +115,9 @@ class CaptureStore:
     The ComfyUI glue narrows `capturing` to the sampler's own cond forward of a step (not the
     extra passes of SelfAttentionGuidance or PerturbedAttentionGuidance) and to calls that
     see the whole latent; `step_active`, `latent_hw` and `cropped_calls` are its bookkeeping.
+    `replaying` is on while the backward pass of a `low` memory step computes a module's
+    forward again (guidance/recompute.py): the maps are computed again, exactly as in the
+    forward (the recomputation must repeat every saved tensor), and not recorded twice.
     """
 
     relations: SpatialRelations
@@ -80,6 +126,7 @@ class CaptureStore:
     groups: tuple[tuple[int, ...], ...] = ()
     pairs: tuple[Pair, ...] = ()
     capturing: bool = False
+    replaying: bool = False
     step_active: bool = False  # inside a guided (or observed) step's prediction
     latent_hw: tuple[int, ...] | None = None  # spatial size of the whole latent of this step
     cropped_calls: int = 0  # attn2 calls of cond rows skipped because they saw a crop (area conds)
@@ -93,8 +140,9 @@ class CaptureStore:
 
     def record(self, layer: Layer, q: Tensor, k: Tensor, heads: int,
                cond_or_uncond: Sequence[int], hw: tuple[int, int]) -> None:
-        """Keep the cond rows' object maps of one attn2 call (a no-op unless capturing)."""
-        if not self.capturing or 0 not in cond_or_uncond:
+        """Keep the cond rows' object maps of one attn2 call (a no-op unless capturing; computed
+        and dropped while replaying)."""
+        if not (self.capturing or self.replaying) or 0 not in cond_or_uncond:
             return
         longest = max(max(g) for g in self.groups)
         if longest >= k.shape[1]:
@@ -104,10 +152,13 @@ class CaptureStore:
                 "positive prompt's text to Spatial Relation Parse.")
         chunk = q.shape[0] // len(cond_or_uncond)
         rows = [i * chunk + j for i, c in enumerate(cond_or_uncond) if c == 0 for j in range(chunk)]
-        rows_t = torch.tensor(rows, device=q.device)
-        maps = token_maps(q.index_select(0, rows_t), k.index_select(0, rows_t), heads, self.groups, hw, self.temperature)
-        # several cond entries (e.g. combined conditionings) are averaged per image
-        self._maps[layer].append(maps.view(-1, chunk, *maps.shape[1:]).mean(dim=0))
+        if len(rows) < q.shape[0]:  # (a guided step's forward holds cond rows only: no copy there)
+            rows_t = torch.tensor(rows, device=q.device)
+            q, k = q.index_select(0, rows_t), k.index_select(0, rows_t)
+        maps = token_maps(q, k, heads, self.groups, hw, self.temperature)
+        if self.capturing:
+            # several cond entries (e.g. combined conditionings) are averaged per image
+            self._maps[layer].append(maps.view(-1, chunk, *maps.shape[1:]).mean(dim=0))
 
     def take(self) -> list[tuple[str, Tensor]]:
         """(level, maps (B, K, h, w)) per captured layer of this step; clears the store.

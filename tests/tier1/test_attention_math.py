@@ -213,3 +213,26 @@ def test_temperature_gives_a_saturated_map_a_gradient_toward_the_target():
         centroids(maps)[0, 0, 0].backward()  # x of the centroid; the loss would push it right
         pulls.append(q.grad[0, :, 0].view(h, w)[:, 3].abs().max().item())  # on the far right column
     assert pulls[0] < 1e-12 and pulls[1] > 1e-5, pulls  # 1e8 times more pull at temperature 4
+
+
+def test_object_token_maps_have_the_gradient_of_the_full_softmax():
+    """token_maps keeps only the object columns (and a logsumexp) for backward; its
+    gradient w.r.t. q and k is the full softmax's, checked in float64 by gradcheck, and
+    equal to explicit softmax-then-select in float32."""
+    from infsplign.guidance.capture import token_maps
+    g = torch.Generator().manual_seed(1)
+    b, n, t, heads, d = 2, 6, 5, 2, 3
+    q = torch.randn(b, n, heads * d, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, t, heads * d, generator=g, dtype=torch.float64, requires_grad=True)
+    groups = [(1,), (3, 2)]
+    assert torch.autograd.gradcheck(lambda q, k: token_maps(q, k, heads, groups, (2, 3), 2.0), (q, k))
+
+    qf, kf = q.detach().float().requires_grad_(), k.detach().float().requires_grad_()
+    weights = torch.randn(b, 2, 2, 3, generator=g)
+    (token_maps(qf, kf, heads, groups, (2, 3), 2.0) * weights).sum().backward()
+    qr, kr = q.detach().float().requires_grad_(), k.detach().float().requires_grad_()
+    logits = qr.view(b, n, heads, d).transpose(1, 2) @ kr.view(b, t, heads, d).transpose(1, 2).transpose(-1, -2)
+    probs = torch.softmax(logits * d ** -0.5 / 2.0, dim=-1).mean(dim=1)
+    ref = torch.stack([probs[..., 1], probs[..., 2:4].mean(-1)], dim=1).view(b, 2, 2, 3)
+    (ref * weights).sum().backward()
+    assert torch.allclose(qf.grad, qr.grad, atol=1e-6) and torch.allclose(kf.grad, kr.grad, atol=1e-6)
