@@ -20,6 +20,9 @@ from .losses import LossSettings, step_loss
 
 # Steps within this relative distance of a window boundary count as on it.
 WINDOW_TOLERANCE = 1e-3
+# How the guided step spends memory (nodes/memory_modes.py): `fast` keeps what autograd
+# saves, `low` recomputes inside the UNet's blocks during backward, `auto` picks per step.
+MEMORY_MODES = ("auto", "fast", "low")
 
 
 def _per_sample(sigma: Tensor, like: Tensor) -> Tensor:
@@ -60,9 +63,12 @@ class GuidanceSettings:
     loss: LossSettings = LossSettings()
     start_percent: float = 0.0
     end_percent: float = 0.25
+    memory: str = "auto"
 
     def __post_init__(self):
         problems = []
+        if self.memory not in MEMORY_MODES:
+            problems.append(f'memory is "{self.memory}"; use one of {", ".join(MEMORY_MODES)} (auto picks per step)')
         if not math.isfinite(self.strength) or self.strength < 0:
             problems.append(f"strength is {self.strength}; use a number >= 0 (1000 is the paper's)")
         if not 0.0 <= self.start_percent < self.end_percent <= 1.0:
@@ -95,6 +101,7 @@ class StepReport:
     skipped: str = ""
     maps_dtype: str = ""  # dtype of the attention maps and the loss (float32 whatever the model's)
     batch: int = 0  # images whose maps the loss read
+    memory_mode: str = ""  # "fast" | "low" as the step ran, "unguided" after running out of memory
 
 
 NO_MAPS = "no attention maps were captured for this step"

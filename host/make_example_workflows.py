@@ -35,14 +35,14 @@ SCHEMA = {
                        [(n, "FLOAT") for n in ("strength",)] + [("loss", "COMBO")]
                        + [(n, "FLOAT") for n in ("alpha", "margin")] + [("orthogonal", "COMBO")]
                        + [(n, "FLOAT") for n in ("presence_weight", "balance_weight", "start_percent", "end_percent")]
-                       + [("threshold", "BOOLEAN"), ("temperature", "FLOAT")],
+                       + [("threshold", "BOOLEAN"), ("temperature", "FLOAT"), ("memory", "COMBO")],
                        [("MODEL", "MODEL")]),
     "InfSplignGuider": ([("model", "MODEL", False), ("positive", "CONDITIONING", False),
                          ("negative", "CONDITIONING", False), ("relations", "SPATIAL_RELATIONS", False)],
                         [("cfg", "FLOAT"), ("strength", "FLOAT"), ("loss", "COMBO")]
                         + [(n, "FLOAT") for n in ("alpha", "margin")] + [("orthogonal", "COMBO")]
                         + [(n, "FLOAT") for n in ("presence_weight", "balance_weight", "start_percent", "end_percent")]
-                        + [("threshold", "BOOLEAN"), ("temperature", "FLOAT")],
+                        + [("threshold", "BOOLEAN"), ("temperature", "FLOAT"), ("memory", "COMBO")],
                         [("GUIDER", "GUIDER")]),
     "EmptyLatentImage": ([], [("width", "INT"), ("height", "INT"), ("batch_size", "INT")], [("LATENT", "LATENT")]),
     "KSampler": ([("model", "MODEL", False), ("positive", "CONDITIONING", False),
@@ -70,7 +70,7 @@ SCHEMA = {
 }
 
 # The pack's guidance settings at their INPUT_TYPES defaults (nodes/guidance_nodes.py).
-GUIDANCE_DEFAULTS = [1000.0, "sigmoid", 8.0, 0.0, "auto", 1.0, 1.0, 0.0, 0.25, False, 1.0]
+GUIDANCE_DEFAULTS = [1000.0, "sigmoid", 8.0, 0.0, "auto", 1.0, 1.0, 0.0, 0.25, False, 1.0, "auto"]
 PARSE_DEFAULTS = ["", "from text", ""]  # object_a, relation, object_b: read from the text
 
 

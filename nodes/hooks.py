@@ -36,14 +36,15 @@ import logging
 
 import torch
 
-import comfy.ldm.modules.attention as attention
 from comfy.patcher_extension import WrappersMP, get_wrappers_with_key
 
 from ..guidance.autograd import make_autograd_safe
+from .unet_patches import BLOCK_PATCHES, autograd_guard, capture_patch, copy_skips, stop_graph_after
 from ..guidance.capture import CaptureStore, Layer
 from ..guidance.losses import LossSettings
 from ..guidance.relations import SpatialRelations
-from ..guidance.step import NO_MAPS, GuidanceSettings, guided_step, in_window
+from ..guidance.step import NO_MAPS, GuidanceSettings, StepReport, guided_step, in_window
+from . import memory_modes
 from ..guidance.trace import RunTrace, Trace
 
 log = logging.getLogger("infsplign")
@@ -52,92 +53,10 @@ CAPTURE_KEY = "infsplign.capture"
 GUIDANCE_KEY = "infsplign.guidance"
 SPLIT_KEY = "infsplign.split"
 OBSERVE_KEY = "infsplign.observe"
+MEMORY_KEY = "infsplign.memory"
 RUN_KEY = "infsplign_run"
 TRACE_KEY = "infsplign_trace"
-
-
-def capture_patch(store: CaptureStore, layer: Layer, previous=None):
-    """attn2 replace function: the previous patch (or ComfyUI's attention), plus recording."""
-    def attn2(q, k, v, extra_options):
-        if previous is not None:
-            out = previous(q, k, v, extra_options)
-        else:
-            out = attention.optimized_attention(q, k, v, extra_options["n_heads"],
-                                                attn_precision=extra_options.get("attn_precision"),
-                                                transformer_options=extra_options)
-        if store.capturing and 0 in extra_options["cond_or_uncond"]:
-            seen = tuple(extra_options.get("original_shape", ())[2:])
-            if store.latent_hw is not None and seen and seen != store.latent_hw:
-                store.cropped_calls += 1  # an area-cropped cond: maps of the crop, not the image
-            else:
-                store.record(layer, q, k, extra_options["n_heads"], extra_options["cond_or_uncond"],
-                             tuple(extra_options["activations_shape"][-2:]))
-        return out
-    return attn2
-
-
-def stop_graph_after(store: CaptureStore):
-    """output_block_patch: on a guided step, the decoder blocks after the last captured
-    layer run on detached inputs. The loss does not depend on them, so they need no
-    autograd graph (no saved activations, no bookkeeping); their values are unchanged. `hsp`
-    may be None: since ComfyUI 0.33 an earlier output_block_patch may have merged the skip."""
-    last = max(layer.block for layer in store.layers)
-
-    def patch(h, hsp, transformer_options):
-        if store.capturing and torch.is_grad_enabled() and transformer_options["block"][1] > last:
-            return h.detach(), None if hsp is None else hsp.detach()
-        return h, hsp
-    return patch
-
-
-def copy_skips(store: CaptureStore):
-    """input_block_patch_after_skip: on a guided step whose forward carries ControlNet
-    residuals, the next block reads a copy of each skip connection. ComfyUI adds the
-    residuals to the stored skips in place (openaimodel.apply_control), and autograd refuses
-    that when the next block saved the same tensor for its backward pass."""
-    def patch(h, transformer_options):
-        if store.capturing and store.controlled and torch.is_grad_enabled():
-            return h.clone()
-        return h
-    return patch
-
-
-def autograd_guard(store: CaptureStore, patch):
-    """Another pack's UNet block patch, made safe for the guided step's backward pass.
-
-    Some patches write into the tensors they were given or computed with (FreeU and
-    FreeU_V2 scale half of the channels with `h[:, :k] = h[:, :k] * s`). Under autograd that
-    fails at backward time ("modified by an inplace operation") and leaves reference cycles
-    that keep the step's tensors alive. So on a guided step the patch first runs on copies
-    without autograd; if it wrote into them, those output values are used exactly and the
-    gradient passes through the patch as through the identity (straight-through). If it
-    did not, it runs again with autograd and keeps its exact gradient; which of the two a
-    block needs is remembered for the run. Outside guided steps nothing changes. An
-    output_block_patch's skip (`hsp`) may come and go as None (ComfyUI 0.33 allows it)."""
-    writes: dict[tuple, bool] = {}
-
-    def guarded(*args):
-        if not (store.capturing and torch.is_grad_enabled()):
-            return patch(*args)
-        *tensors, options = args
-        key = (options.get("block"), *(None if t is None else tuple(t.shape) for t in tensors))
-        if writes.get(key) is False:
-            return patch(*args)
-        with torch.no_grad():
-            copies = [None if t is None else t.detach().clone() for t in tensors]
-            versions = [None if c is None else c._version for c in copies]
-            out = patch(*copies, options)
-        writes[key] = [None if c is None else c._version for c in copies] != versions
-        if not writes[key]:
-            return patch(*args)
-        outs = out if isinstance(out, tuple) else (out,)
-        through = tuple(o if t is None or o is None or o.shape != t.shape else t + (o - t.detach())
-                        for t, o in zip(tensors, outs))
-        return through if isinstance(out, tuple) else through[0]
-    return guarded
-
-
-BLOCK_PATCHES = ("input_block_patch", "input_block_patch_after_skip", "output_block_patch")
+PLAN_KEY = "infsplign_memory"
 
 
 def _install_capture(model_options: dict, store: CaptureStore, run: RunTrace | None = None,
@@ -208,13 +127,11 @@ def capture_wrapper(relations: SpatialRelations, layers: tuple[Layer, ...]):
     def outer_sample(executor, *args, **kwargs):
         guider = executor.class_obj
         # CFGGuider.sample made guider.model_options a per-run copy of nested dicts.
-        guidance = get_wrappers_with_key(WrappersMP.PREDICT_NOISE, GUIDANCE_KEY, guider.model_options,
-                                         is_model_options=True)
-        settings = getattr(guidance[0], "settings", None) if guidance else None
+        settings = _settings(guider.model_options)
         # the maps are read at the guidance's temperature, so the trace shows what the loss saw
         store = CaptureStore(relations, layers, temperature=settings.loss.temperature if settings else 1.0)
-        run = trace.start(settings.loss if settings is not None else LossSettings(), guided=bool(guidance))
-        _install_capture(guider.model_options, store, run, observe=not guidance)
+        run = trace.start(settings.loss if settings is not None else LossSettings(), guided=settings is not None)
+        _install_capture(guider.model_options, store, run, observe=settings is None)
         try:
             output = executor(*args, **kwargs)
         finally:
@@ -250,15 +167,28 @@ def guidance_wrapper(relations: SpatialRelations, settings: GuidanceSettings):
             denoised = observed(lambda: executor(x, timestep, model_options, seed), x, store)
             trace_step(run, store, timestep, model_options, False, False)
             return denoised
-        if settings.strength > 0:
-            make_autograd_safe(guider.inner_model)
+        plan = memory_plan(model_options, guider.model_patcher, x.shape) if settings.strength > 0 else None
+        options = model_options["transformer_options"]
         store.step_active, store.latent_hw, cropped = True, tuple(x.shape[2:]), store.cropped_calls
+
+        def guided(mode: str):
+            with memory_modes.guided_forward(guider.inner_model, store, mode, options):
+                # On a guided step the sampler's sigma, an inference tensor, is given as a normal
+                # copy: post-CFG and cfg functions (RescaleCFG) compute with it and the latent.
+                return guided_step(
+                    lambda xx: executor(xx, timestep.clone() if xx.requires_grad else timestep, model_options, seed),
+                    x, timestep, store, settings)
+
+        def unguided(reason: str):
+            denoised = observed(lambda: executor(x, timestep, model_options, seed), x, store)
+            return denoised, StepReport(sigma, float("nan"), float("nan"), skipped=reason)
         try:
-            # On a guided step the sampler's sigma, an inference tensor, is given as a normal
-            # copy: post-CFG and cfg functions (RescaleCFG) compute with it and the latent.
-            denoised, report = guided_step(
-                lambda xx: executor(xx, timestep.clone() if xx.requires_grad else timestep, model_options, seed),
-                x, timestep, store, settings)
+            if plan is None:  # strength 0 only observes: no autograd, no extra memory
+                denoised, report = guided_step(lambda xx: executor(xx, timestep, model_options, seed),
+                                               x, timestep, store, settings)
+            else:
+                denoised, report = memory_modes.step_with_fallback(plan, plan.step_mode(), guided, unguided,
+                                                                   _size(x))
         finally:
             store.step_active = False
         trace_step(run, store, timestep, model_options, True, report.applied)
@@ -268,9 +198,10 @@ def guidance_wrapper(relations: SpatialRelations, settings: GuidanceSettings):
                         "or ConditioningSetMask with mask bounds); its attention maps show the crop, not the "
                         "image, so it is not guided. InfSplign guides the conditionings over the whole image%s.",
                         "" if report.skipped != NO_MAPS else "; there are none here, so this run is unguided")
-        if report.skipped:
-            log.warning("InfSplign skipped guidance at sigma %.4f: %s; this step runs unguided.",
-                        sigma, report.skipped, extra={"infsplign": report})
+        if report.skipped:  # (running out of memory has its own warning, once per run)
+            log.log(logging.INFO if report.memory_mode == "unguided" else logging.WARNING,
+                    "InfSplign skipped guidance at sigma %.4f: %s; this step runs unguided.",
+                    sigma, report.skipped, extra={"infsplign": report})
         else:
             log.info("InfSplign %s step at sigma %.4f: loss %.5f, |grad| %.4g",
                      "guided" if report.applied else "observed", sigma, report.loss,
@@ -278,6 +209,29 @@ def guidance_wrapper(relations: SpatialRelations, settings: GuidanceSettings):
         return denoised
     predict_noise.settings = settings  # read by the capture wrapper: the loss its trace shows
     return predict_noise
+
+
+def _settings(model_options: dict) -> GuidanceSettings | None:
+    guidance = get_wrappers_with_key(WrappersMP.PREDICT_NOISE, GUIDANCE_KEY, model_options, is_model_options=True)
+    return getattr(guidance[0], "settings", None) if guidance else None
+
+
+def memory_plan(model_options: dict, model, noise_shape):
+    """The run's MemoryPlan (counted once per run, at PREPARE_SAMPLING or the first guided
+    step); None when the run is not guided (no guidance, strength 0)."""
+    options = model_options.setdefault("transformer_options", {})
+    store, settings = options.get(RUN_KEY), _settings(model_options)
+    if store is None or settings is None or settings.strength == 0:
+        return None
+    if options.get(PLAN_KEY) is None:
+        options[PLAN_KEY] = memory_modes.plan_run(model, store, settings.memory, noise_shape)
+    return options[PLAN_KEY]
+
+
+def _size(x: torch.Tensor) -> str:
+    """"1024x1024 px (latent 128x128), batch 1" for a latent of an 8x-downscaling VAE."""
+    h, w = x.shape[-2:]
+    return f"{w * 8}x{h * 8} px (latent {h}x{w}), batch {x.shape[0]}"
 
 
 def control_modules(conds):
@@ -347,5 +301,7 @@ def with_guidance(model, relations: SpatialRelations, settings: GuidanceSettings
     m.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, GUIDANCE_KEY, guidance_wrapper(relations, settings))
     m.remove_wrappers_with_key(WrappersMP.CALC_COND_BATCH, SPLIT_KEY)
     m.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, SPLIT_KEY, split_cond_batch)
+    m.remove_wrappers_with_key(WrappersMP.PREPARE_SAMPLING, MEMORY_KEY)
+    m.add_wrapper_with_key(WrappersMP.PREPARE_SAMPLING, MEMORY_KEY, memory_modes.reserve_memory(memory_plan))
     return m
 

@@ -133,6 +133,11 @@ class Fault:
     - "interrupt": on its first call inside a guided step (autograd on), it requests
       ComfyUI's interrupt, as a user pressing Cancel at that moment: the next ComfyUI
       operation raises InterruptProcessingException in the middle of the guided forward.
+    - "oom_once": the first time it runs with autograd on (a guided step's forward), it
+      raises torch.OutOfMemoryError, as a device that ran out of memory in that forward;
+      later calls are normal.
+    - "oom_grad": it raises torch.OutOfMemoryError whenever autograd is on (every guided
+      forward, whatever the memory mode); without autograd it is normal.
     `calls[tag]` counts its calls.
     """
 
@@ -143,7 +148,7 @@ class Fault:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "fault": (["nan_gradient", "interrupt"],),
+        return {"required": {"model": ("MODEL",), "fault": (["nan_gradient", "interrupt", "oom_once", "oom_grad"],),
                              "blocks": ("STRING", {"default": "3"}),
                              "tag": ("STRING", {"default": "fault"})}}
 
@@ -157,6 +162,11 @@ class Fault:
             out = attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"))
             if fault == "nan_gradient":
                 return _NanGradient.apply(out)
+            if fault in ("oom_once", "oom_grad") and torch.is_grad_enabled() and not (fault == "oom_once" and fired):
+                fired.append(True)
+                raise torch.OutOfMemoryError(f"simulated: out of memory in a guided forward ({tag})")
+            if fault != "interrupt":
+                return out
             if torch.is_grad_enabled() and not fired:
                 fired.append(True)
                 comfy.model_management.interrupt_current_processing(True)

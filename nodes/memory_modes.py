@@ -1,0 +1,216 @@
+"""The guided step's memory modes, and ComfyUI's memory manager told of them.
+
+- `fast`: the guided forward keeps what autograd saves (today's step; nothing recomputed).
+  Modules that fetch their weights per call (offloaded, cast or patched per call) are
+  recomputed one by one even here, so no fetched weight is kept: the step never holds a
+  second copy of the weights (lowvram, dynamic VRAM).
+- `low`: every computation with weights on the gradient's path is recomputed during the
+  backward pass (nodes/unet_layers.recompute_units, guidance/recompute.py): the forward
+  keeps only the modules' inputs. Same latents as `fast`, one more forward's worth of time.
+- `auto` (default): `low` when the step's counted extra (nodes/memory_estimate.py) does not
+  fit the device's free memory with headroom, else `fast`; decided on every guided step.
+
+Before sampling, a PREPARE_SAMPLING wrapper adds the extra of the mode the run expects to
+what ComfyUI reserves (`load_models_gpu(memory_required=...)`), so ComfyUI offloads
+weights instead of the step running out of memory. On CUDA the guided forward computes
+attention with PyTorch's memory-efficient kernels (no n x n weights kept), whatever
+attention ComfyUI was started with (some have no backward pass at all).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.ldm.modules.attention as attention
+import comfy.model_management as mm
+
+from ..guidance.autograd import make_autograd_safe, weights_frozen
+from ..guidance.capture import CaptureStore
+from ..guidance.recompute import recomputing
+from . import memory_estimate, unet_layers
+
+log = logging.getLogger("infsplign")
+
+HEADROOM = 1.25  # the counted extra times this, plus MARGIN, must be free for `fast`
+MARGIN = 256 * 2**20  # what the count leaves out: ControlNet, other packs' patches, fragmentation
+OVERRIDE = "optimized_attention_override"
+
+
+def attention_kind(device: torch.device) -> str:
+    """How the guided forward's attention keeps memory on this device (memory_estimate)."""
+    return "efficient" if device.type == "cuda" else "math"
+
+
+@dataclass
+class MemoryPlan:
+    """One run's memory decisions: the requested mode, the counted extras, fallbacks."""
+
+    requested: str
+    device: torch.device
+    count: Callable[[str], int]  # mode -> counted extra bytes of one guided step of this run
+    extra: dict[str, int] = field(default_factory=dict)  # the counts made so far
+    reserved: str = ""  # the mode whose extra was added to ComfyUI's reservation
+    fallback: str = ""  # "low" after an out-of-memory error in fast, "unguided" after one in low
+    warned: str = ""  # the last warning given for this run's memory (each is given once)
+
+    def needed(self, mode: str) -> int:
+        """Bytes that must be free for a guided step in `mode`: the count with headroom."""
+        if mode not in self.extra:
+            self.extra[mode] = self.count(mode)
+        return int(self.extra[mode] * HEADROOM) + MARGIN
+
+    def step_mode(self) -> str:
+        """The mode of the next guided step ("unguided" once both modes ran out of memory)."""
+        if self.fallback == "unguided":
+            return "unguided"
+        if self.fallback == "low" or self.requested == "low":
+            return "low"
+        if self.requested == "fast":
+            return "fast"
+        return "fast" if self.needed("fast") <= mm.get_free_memory(self.device) else "low"
+
+
+def plan_run(model, store: CaptureStore, requested: str, noise_shape) -> MemoryPlan:
+    """The run's plan; a mode's extra is counted (memory_estimate) when first needed."""
+    device = model.load_device
+    batch, hw = int(noise_shape[0]), tuple(int(s) for s in noise_shape[2:4])
+
+    def count(mode: str) -> int:
+        # (two probe objects: the objects' maps are a few kilobytes of the count)
+        return memory_estimate.estimate(model, batch, hw, mode, attention_kind(device), store.layers,
+                                        memory_estimate.PROBE_RELATIONS, store.relations.sequence_length).extra
+    return MemoryPlan(requested, device, count)
+
+
+def reserve_memory(plan_of):
+    """PREPARE_SAMPLING wrapper: ComfyUI's reservation for sampling grows by the extra of
+    the mode this run expects (`auto`: `fast` when the device could hold the model, ComfyUI's
+    own reservation and the fast step, else `low`). `plan_of(model_options, model,
+    noise_shape)` gives the run's MemoryPlan, or None for a run that is not guided."""
+    def prepare_sampling(executor, model, noise_shape, conds, model_options=None, **kwargs):
+        plan = plan_of(model_options or {}, model, noise_shape)
+        if plan is None:
+            return executor(model, noise_shape, conds, model_options=model_options, **kwargs)
+        mode = plan.requested
+        if mode == "auto":
+            comfy_needs = model.model.memory_required([noise_shape[0] * 2, *noise_shape[1:]])
+            room = mm.get_total_memory(plan.device) - model.model_size() - comfy_needs
+            mode = "fast" if plan.needed("fast") <= room else "low"
+        plan.reserved = mode
+        with more_memory_required(model.model, plan.needed(mode)):
+            return executor(model, noise_shape, conds, model_options=model_options, **kwargs)
+    return prepare_sampling
+
+
+@contextlib.contextmanager
+def more_memory_required(base_model, extra: int):
+    """While inside, the model's memory_required (what ComfyUI reserves for sampling)
+    answers `extra` bytes more. The model's own attribute state is restored after."""
+    own = base_model.__dict__.get("memory_required")
+    counted = base_model.memory_required
+    base_model.memory_required = lambda *args, **kwargs: counted(*args, **kwargs) + extra
+    try:
+        yield
+    finally:
+        if own is None:
+            del base_model.memory_required
+        else:
+            base_model.memory_required = own
+
+
+@contextlib.contextmanager
+def guided_forward(inner_model, store: CaptureStore, mode: str, transformer_options: dict):
+    """The guided step's forward (and its backward, which runs inside guided_step) in `mode`."""
+    unet = inner_model.diffusion_model
+    last = max(layer.block for layer in store.layers)
+    if mode == "low":
+        units = unet_layers.recompute_units(unet, last)
+    else:
+        units = [m for m in unet_layers.graph_modules(unet, last) if unet_layers.streams_weights(m)]
+        make_autograd_safe(inner_model, skip=unet_layers.streams_weights)
+
+    def replaying(on: bool) -> None:
+        store.replaying = on
+    previous = transformer_options.get(OVERRIDE)
+    transformer_options[OVERRIDE] = efficient_attention_on_cuda(previous)
+    try:
+        with weights_frozen(inner_model), recomputing(units, snapshot=unet_layers.snapshot_options,
+                                                      replaying=replaying):
+            yield
+    finally:
+        if previous is None:
+            transformer_options.pop(OVERRIDE, None)
+        else:
+            transformer_options[OVERRIDE] = previous
+
+
+def efficient_attention_on_cuda(previous=None, wants=lambda q: q.device.type == "cuda"):
+    """optimized_attention_override: with autograd on and a CUDA tensor, PyTorch's
+    scaled_dot_product_attention (flash / memory-efficient kernels, which keep no n x n
+    weights and have a backward pass); otherwise another pack's override, or ComfyUI's."""
+    def override(func, *args, **kwargs):
+        if args and torch.is_grad_enabled() and wants(args[0]):
+            return attention.attention_pytorch(*args, **kwargs)
+        if previous is not None:
+            return previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+    return override
+
+
+def is_oom(e: BaseException) -> bool:
+    """An out-of-memory error of the device or the host (CUDA, other accelerators, CPU)."""
+    if isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    probe = getattr(mm, "is_oom", None)  # ComfyUI 0.33 knows its accelerators' own errors
+    if probe is not None and getattr(mm, "OOM_EXCEPTION", Exception) is not Exception and probe(e):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def release_after_oom() -> None:
+    """Give back what a failed step left: Python's references, then the device cache."""
+    import gc
+    gc.collect()
+    mm.soft_empty_cache(True)
+
+
+def step_with_fallback(plan: MemoryPlan, mode: str, guided, unguided, size: str):
+    """`guided(mode)` -> (denoised, StepReport). On an out-of-memory error: free what the step
+    held, retry in `low`; if that fails too, `unguided(reason)`. Each fallback warns once
+    per run and sticks for the rest of it (plan.fallback)."""
+    failed: list[tuple[str, str]] = []  # (mode, first line of the error)
+    for attempt in ([] if mode == "unguided" else [mode] if mode == "low" else [mode, "low"]):
+        try:
+            denoised, report = guided(attempt)
+        except Exception as e:  # noqa: BLE001  (only out-of-memory errors are handled)
+            if not is_oom(e):
+                raise
+            failed.append((attempt, (str(e).splitlines() or [type(e).__name__])[0][:160]))
+        else:
+            report.memory_mode = attempt
+            if failed:
+                _warn_once(plan, f"InfSplign ran out of memory in a guided step at {size} in {failed[0][0]} mode "
+                                 f"({failed[0][1]}); it ran in low memory mode, as will the rest of this run.")
+            return denoised, report
+        release_after_oom()  # outside the except block: the error no longer holds the step's tensors
+        plan.fallback = "low"
+    plan.fallback = "unguided"
+    if failed:
+        modes = " and ".join(m for m, _ in failed)
+        _warn_once(plan, f"InfSplign ran out of memory in a guided step at {size} in {modes} mode "
+                         f"({failed[-1][1]}); this step and the rest of the run are sampled unguided. "
+                         "Use a smaller image or batch, or free VRAM (close other models, --lowvram).")
+    denoised, report = unguided(f"out of memory in {' and '.join(m for m, _ in failed) or 'an earlier step'}")
+    report.memory_mode = "unguided"
+    return denoised, report
+
+
+def _warn_once(plan: MemoryPlan, message: str) -> None:
+    if plan.warned != message:
+        plan.warned = message
+        log.warning(message)
