@@ -1,15 +1,19 @@
 """Guided vs plain sampling, side by side in one process: wall time and peak memory.
 
-    .venv/bin/python bench/run_bench.py            # full table (about 9 minutes on 2 CPU cores)
+    .venv/bin/python bench/run_bench.py            # full table (about 40 minutes on 2 CPU cores)
     .venv/bin/python bench/run_bench.py --quick    # small models only, a smoke run
+    .venv/bin/python bench/run_bench.py --gpu      # on a GPU: SD1.5 512 px and SDXL 1024 px, fp16
 
 Per model: the same model, seed and prompt; plain KSampler-style sampling and InfSplign
-with its default window (25 % of 20 steps) alternate, and the table gives the median
-wall-time ratio and the ratio of peak memory (resident memory on CPU, sampled during the
-run; torch.cuda.max_memory_allocated on GPU). A second table times one guided step three
-ways: the pack's step (the sampler's own forward, cond rows with autograd, uncond rows
-without), the same with cond and uncond rows both recorded (one batched graph), and a
-naive step (the plain forward plus a second, separate forward with autograd).
+with its default window (25 % of the steps) in memory mode fast and in low alternate, and
+the table gives the median wall-time ratios to plain and the ratios of peak memory
+(resident memory on CPU, sampled during the run; torch.cuda.max_memory_allocated on GPU).
+The CPU plan: full-width SD1.5 (random weights) at 256 px, 20 steps, and full-width SDXL
+at 512 px, 8 steps (2 guided; a 20-step run of it takes most of an hour here). A second
+table times one guided step four ways: the pack's step in fast and in low (the sampler's
+own forward, cond rows with autograd, uncond rows without), the same with cond and uncond
+rows both recorded (one batched graph), and a naive step (the plain forward plus a second,
+separate forward with autograd).
 """
 from __future__ import annotations
 
@@ -104,6 +108,24 @@ def full_sd15(dtype):
     return patcher, positive, negative
 
 
+def full_sdxl(dtype):
+    """The full-width SDXL UNet (2.6 B parameters), random weights, built as full_sd15 is;
+    conditioning tensors (2048-d context, 2816-d adm) stand in for the two CLIPs."""
+    detected = {**models.TOPOLOGIES["sdxl"].unet, "model_channels": 320, "context_dim": 2048, "adm_in_channels": 2816}
+    cfg = comfy.supported_models.SDXL(detected)
+    cfg.set_inference_dtype(dtype, None)
+    device = comfy.model_management.get_torch_device()
+    with torch.inference_mode():
+        base = cfg.get_model({})
+        for name, tensor in base.diffusion_model.state_dict().items():
+            models._fill(name, tensor, 0)
+        base = base.to(device)
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    cond = lambda: [[torch.randn(1, 77, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]]  # noqa: E731
+    return patcher, cond(), cond()
+
+
 def test_sdxl():
     model, clip, _ = models.load("sdxl")
     encode = lambda text: clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)  # noqa: E731
@@ -144,15 +166,16 @@ def variants(model, end_percent=0.25):
     # the relations as Spatial Relation Parse gives them for this model's CLIP family
     family = module("nodes.unet_layers").family(model)
     relations = dataclasses.replace(RELATIONS, encoder=module("nodes.unet_layers").ENCODERS[family])
-    current = guidance_nodes._guided_model(model, relations, settings)
-    batched = current.clone()
+    fast = guidance_nodes._guided_model(model, relations, {**settings, "memory": "fast"})
+    low = guidance_nodes._guided_model(model, relations, {**settings, "memory": "low"})
+    batched = fast.clone()
     batched.remove_wrappers_with_key(WrappersMP.CALC_COND_BATCH, hooks.SPLIT_KEY)
-    naive = current.clone()
+    naive = fast.clone()
     naive.remove_wrappers_with_key(WrappersMP.CALC_COND_BATCH, hooks.SPLIT_KEY)
     naive.remove_wrappers_with_key(WrappersMP.PREDICT_NOISE, hooks.GUIDANCE_KEY)
     naive.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, "bench.naive",
                                naive_wrapper(guidance_nodes.make_settings(model, **settings)))
-    return {"plain": model, "current": current, "batched graph": batched, "naive": naive}
+    return {"plain": model, "fast": fast, "low": low, "batched graph": batched, "naive": naive}
 
 
 def run(model, positive, negative, size, steps, device, step_times=None):
@@ -179,45 +202,46 @@ def run(model, positive, negative, size, steps, device, step_times=None):
     return seconds, mem.peak
 
 
+RUNS = ("plain", "fast", "low")
+
+
 def bench(name, build, size, steps, rounds, device):
     print(f"\n== {name}: {size}x{size}, {steps} steps, {rounds} alternating rounds", flush=True)
     model, positive, negative = build()
     baseline = psutil.Process().memory_info().rss if device.type != "cuda" else torch.cuda.memory_allocated()
     full = variants(model)
-    for v in ("plain", "current"):  # warm-up, and the one-off weight copy out of inference mode
+    for v in RUNS:  # warm-up: the one-off weight copy out of inference mode, the memory count
         run(full[v], positive, negative, size, 1, device)
-    times = {"plain": [], "current": []}
-    peaks = {"plain": [], "current": []}
-    steps_of = {"plain": [], "current": []}
+    times, peaks, steps_of = ({v: [] for v in RUNS} for _ in range(3))
     for r in range(rounds):
-        for v in ("plain", "current"):
+        for v in RUNS:
             t, p = run(full[v], positive, negative, size, steps, device, steps_of[v])
             times[v].append(t)
             peaks[v].append(p)
             print(f"   round {r + 1} {v:8s} {t:7.2f} s  peak {p / 2**20:8.0f} MiB", flush=True)
-    ratios = [g / p for g, p in zip(times["current"], times["plain"])]
-    mem_ratio = max(peaks["current"]) / max(peaks["plain"])
     guided_steps = round(steps * SETTINGS["end_percent"])
-    per_step = {"plain": statistics.median(d for ds in steps_of["plain"] for d in ds),
-                "current": statistics.median(d for ds in steps_of["current"] for d in ds[:guided_steps])}
+    per_step = {"plain": statistics.median(d for ds in steps_of["plain"] for d in ds)}
+    for v in ("fast", "low"):
+        per_step[v] = statistics.median(d for ds in steps_of[v] for d in ds[:guided_steps])
     # the other step designs: a 1-step schedule with the window over all of it, warmed once
     one = variants(model, end_percent=1.0)
-    for v in ("current", "batched graph", "naive"):
+    for v in ("fast", "low", "batched graph", "naive"):
         run(one[v], positive, negative, size, 1, device)
         per_step[f"{v} (1-step run)"] = run(one[v], positive, negative, size, 1, device)[0]
-    return {"name": name, "plain_s": statistics.median(times["plain"]),
-            "guided_s": statistics.median(times["current"]), "ratio": statistics.median(ratios),
-            "ratios": ratios, "mem_ratio": mem_ratio, "peak_plain": max(peaks["plain"]),
-            "peak_guided": max(peaks["current"]), "baseline": baseline, "per_step": per_step}
+    return {"name": name, "seconds": {v: statistics.median(times[v]) for v in RUNS},
+            "ratios": {v: [g / p for g, p in zip(times[v], times["plain"])] for v in ("fast", "low")},
+            "peaks": {v: max(peaks[v]) for v in RUNS}, "baseline": baseline, "per_step": per_step}
 
 
 PLANS = {
-    "cpu": [("SD1.5 full width (860 M), fp32", "sd15", 256, 20, 2),
-            ("SDXL-topology test model", "sdxl-test", 384, 20, 2)],
-    "gpu": [("SD1.5 full width, fp16", "sd15-fp16", 512, 20, 3)],
+    "cpu": [("SD1.5 full width (860 M), fp32", "sd15", 256, 20, 3),
+            ("SDXL full width (2.6 B), fp32", "sdxl-full", 512, 8, 1)],
+    "gpu": [("SD1.5 full width, fp16", "sd15-fp16", 512, 20, 3),
+            ("SDXL full width, fp16", "sdxl-full-fp16", 1024, 20, 2)],
     "quick": [("SDXL-topology test model", "sdxl-test", 256, 8, 1)],
 }
 BUILDERS = {"sd15": lambda: full_sd15(torch.float32), "sd15-fp16": lambda: full_sd15(torch.float16),
+            "sdxl-full": lambda: full_sdxl(torch.float32), "sdxl-full-fp16": lambda: full_sdxl(torch.float16),
             "sdxl-test": test_sdxl}
 
 
@@ -249,26 +273,33 @@ def main() -> int:
             print(f"benchmark of {entry[0]} failed", file=sys.stderr)
             return 1
     unit = "VRAM" if device.type == "cuda" else "RSS"
-    mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
-    print(f"\nInfSplign benchmark on {device} ({torch.get_num_threads()} threads), default window: 25 % of the steps")
-    print(f"| model | plain s | guided s | guided/plain time (median; each round) | peak {unit} plain | guided "
-          f"| guided/plain memory | above model: plain | guided |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
+    print(f"\nInfSplign benchmark on {device} ({torch.get_num_threads()} threads), default window: 25 % of the "
+          f"steps; memory modes fast and low")
+    print(f"| model | plain s | fast s | low s | fast/plain time (each round) | low/plain time (each round) "
+          f"| peak {unit} MiB plain / fast / low | fast/plain memory | low/plain memory "
+          f"| above model MiB: plain / fast / low |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        rounds = ", ".join(f"{x:.3f}" for x in r["ratios"])
-        print(f"| {r['name']} | {r['plain_s']:.2f} | {r['guided_s']:.2f} | {r['ratio']:.3f} ({rounds}) | "
-              f"{mib(r['peak_plain'])} | {mib(r['peak_guided'])} | {r['mem_ratio']:.3f} | "
-              f"{mib(r['peak_plain'] - r['baseline'])} | {mib(r['peak_guided'] - r['baseline'])} |")
+        t, p, base = r["seconds"], r["peaks"], r["baseline"]
+        ratio = {v: f"{statistics.median(r['ratios'][v]):.3f} ({', '.join(f'{x:.3f}' for x in r['ratios'][v])})"
+                 for v in ("fast", "low")}
+        print(f"| {r['name']} | {t['plain']:.2f} | {t['fast']:.2f} | {t['low']:.2f} | {ratio['fast']} | {ratio['low']} | "
+              f"{mib(p['plain'])} / {mib(p['fast'])} / {mib(p['low'])} | {p['fast'] / p['plain']:.3f} | "
+              f"{p['low'] / p['plain']:.3f} | {mib(p['plain'] - base)} / {mib(p['fast'] - base)} / "
+              f"{mib(p['low'] - base)} |")
     print("\nSteps: median plain and guided step inside the runs above; then one guided step of each "
-          "design, timed as a 1-step run after a warm-up run:")
-    print("| model | plain step s | guided step s | current (1-step run) s | batched graph s | naive s "
-          "| naive/current | batched/current |")
-    print("|---|---|---|---|---|---|---|---|")
+          "design, timed as a 1-step run after a warm-up run (fast: the pack's step; low: the same, "
+          "recomputing inside the blocks; batched graph: cond and uncond rows both recorded; naive: a "
+          "second, separate forward with autograd):")
+    print("| model | plain step s | fast step s | low step s | fast (1-step run) s | low (1-step run) s "
+          "| batched graph s | naive s | naive/fast | batched/fast |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         s = r["per_step"]
-        cur, bat, nai = (s[f"{v} (1-step run)"] for v in ("current", "batched graph", "naive"))
-        print(f"| {r['name']} | {s['plain']:.2f} | {s['current']:.2f} | {cur:.2f} | {bat:.2f} | {nai:.2f} | "
-              f"{nai / cur:.3f} | {bat / cur:.3f} |")
+        fast, low, bat, nai = (s[f"{v} (1-step run)"] for v in ("fast", "low", "batched graph", "naive"))
+        print(f"| {r['name']} | {s['plain']:.2f} | {s['fast']:.2f} | {s['low']:.2f} | {fast:.2f} | {low:.2f} | "
+              f"{bat:.2f} | {nai:.2f} | {nai / fast:.3f} | {bat / fast:.3f} |")
     print(f"\nfinished in {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -38,6 +38,7 @@ log = logging.getLogger("infsplign")
 HEADROOM = 1.25  # the counted extra times this, plus MARGIN, must be free for `fast`
 MARGIN = 256 * 2**20  # what the count leaves out: ControlNet, other packs' patches, fragmentation
 OVERRIDE = "optimized_attention_override"
+INFERENCE_REFUSED = "Inference tensors cannot be saved for backward"
 
 
 def attention_kind(device: torch.device) -> str:
@@ -131,7 +132,10 @@ def guided_forward(inner_model, store: CaptureStore, mode: str, transformer_opti
         units = unet_layers.recompute_units(unet, last)
     else:
         units = [m for m in unet_layers.graph_modules(unet, last) if unet_layers.streams_weights(m)]
-        make_autograd_safe(inner_model, skip=unet_layers.streams_weights)
+    # Resident weights become normal tensors once (the same values, no copy kept: the module
+    # holds the new ones); weights fetched per call are left alone (cloning them would copy
+    # an offloaded model), and recomputed modules copy what they still get per operation.
+    make_autograd_safe(inner_model, skip=unet_layers.streams_weights)
 
     def replaying(on: bool) -> None:
         store.replaying = on
@@ -180,34 +184,45 @@ def release_after_oom() -> None:
 
 
 def step_with_fallback(plan: MemoryPlan, mode: str, guided, unguided, size: str):
-    """`guided(mode)` -> (denoised, StepReport). On an out-of-memory error: free what the step
-    held, retry in `low`; if that fails too, `unguided(reason)`. Each fallback warns once
-    per run and sticks for the rest of it (plan.fallback)."""
+    """`guided(mode)` -> (denoised, StepReport). On an out-of-memory error, or autograd
+    refusing an inference-tensor weight: free what the step held, retry in `low` (which
+    keeps less, and gives each operation normal copies of such weights); if that fails too,
+    `unguided(reason)`. Each fallback warns once per run and sticks for the rest of it."""
     failed: list[tuple[str, str]] = []  # (mode, first line of the error)
+    refused = False
     for attempt in ([] if mode == "unguided" else [mode] if mode == "low" else [mode, "low"]):
         try:
             denoised, report = guided(attempt)
-        except Exception as e:  # noqa: BLE001  (only out-of-memory errors are handled)
-            if not is_oom(e):
+        except Exception as e:  # noqa: BLE001  (only out-of-memory and refused-autograd errors are handled)
+            refused = INFERENCE_REFUSED in str(e)
+            if not (refused or is_oom(e)):
                 raise
             failed.append((attempt, (str(e).splitlines() or [type(e).__name__])[0][:160]))
         else:
             report.memory_mode = attempt
             if failed:
-                _warn_once(plan, f"InfSplign ran out of memory in a guided step at {size} in {failed[0][0]} mode "
+                _warn_once(plan, f"InfSplign {_trouble(refused)} in a guided step at {size} in {failed[0][0]} mode "
                                  f"({failed[0][1]}); it ran in low memory mode, as will the rest of this run.")
             return denoised, report
         release_after_oom()  # outside the except block: the error no longer holds the step's tensors
         plan.fallback = "low"
     plan.fallback = "unguided"
-    if failed:
-        modes = " and ".join(m for m, _ in failed)
+    modes = " and ".join(m for m, _ in failed)
+    if refused:
+        _warn_once(plan, f"InfSplign could not take the gradient at {size} in {modes} mode ({failed[-1][1]}): a weight "
+                         "is an inference tensor that autograd refuses (it may come from ComfyUI's dynamic VRAM). "
+                         "This run is sampled unguided; start ComfyUI with --disable-dynamic-vram to guide it.")
+    elif failed:
         _warn_once(plan, f"InfSplign ran out of memory in a guided step at {size} in {modes} mode "
                          f"({failed[-1][1]}); this step and the rest of the run are sampled unguided. "
                          "Use a smaller image or batch, or free VRAM (close other models, --lowvram).")
-    denoised, report = unguided(f"out of memory in {' and '.join(m for m, _ in failed) or 'an earlier step'}")
+    denoised, report = unguided(f"{_trouble(refused)} in {modes or 'an earlier step'}")
     report.memory_mode = "unguided"
     return denoised, report
+
+
+def _trouble(refused: bool) -> str:
+    return "hit a weight autograd refuses" if refused else "ran out of memory"
 
 
 def _warn_once(plan: MemoryPlan, message: str) -> None:

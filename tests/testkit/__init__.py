@@ -138,6 +138,9 @@ class Fault:
       later calls are normal.
     - "oom_grad": it raises torch.OutOfMemoryError whenever autograd is on (every guided
       forward, whatever the memory mode); without autograd it is normal.
+    - "inference_weight": it scales its output by a weight made under inference mode (as
+      weights ComfyUI loads or streams are), which autograd refuses to save unless the
+      guided step hands the operation a normal copy.
     `calls[tag]` counts its calls.
     """
 
@@ -148,7 +151,7 @@ class Fault:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "fault": (["nan_gradient", "interrupt", "oom_once", "oom_grad"],),
+        return {"required": {"model": ("MODEL",), "fault": (["nan_gradient", "interrupt", "oom_once", "oom_grad", "inference_weight"],),
                              "blocks": ("STRING", {"default": "3"}),
                              "tag": ("STRING", {"default": "fault"})}}
 
@@ -156,6 +159,7 @@ class Fault:
         import comfy.ldm.modules.attention as attention
         calls = Fault.calls
         fired = []
+        weight = torch.ones(())  # made in the executor's inference mode: an inference tensor
 
         def attn2(q, k, v, extra):
             calls[tag] = calls.get(tag, 0) + 1
@@ -165,6 +169,8 @@ class Fault:
             if fault in ("oom_once", "oom_grad") and torch.is_grad_enabled() and not (fault == "oom_once" and fired):
                 fired.append(True)
                 raise torch.OutOfMemoryError(f"simulated: out of memory in a guided forward ({tag})")
+            if fault == "inference_weight":
+                return out * weight
             if fault != "interrupt":
                 return out
             if torch.is_grad_enabled() and not fired:

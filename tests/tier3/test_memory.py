@@ -160,3 +160,16 @@ def test_out_of_memory_in_low_too_runs_unguided_and_the_next_prompt_is_normal(ho
     again, reports, warnings = execute_logged(session, workflow(SD1, "ksampler", steps=STEPS))
     assert again.success and all(r.applied and r.memory_mode == "fast" for r in reports)
     assert not _memory_warnings(warnings)
+
+
+def test_a_weight_autograd_refuses_is_handled_by_low(host, checkpoints):
+    """A weight made under inference mode (as ComfyUI's streamed weights may be) inside the
+    guided forward: fast cannot save it for backward; the step is retried in low, whose
+    recomputed blocks give each operation a normal copy, with one warning."""
+    from graphs import execute_logged
+    session = host.Session()
+    run, reports, warnings = execute_logged(session, _oom_graph("inference_weight", "inference", memory="fast"))
+    assert run.success, run.error()
+    assert [r.memory_mode for r in reports] == ["low"] * STEPS and all(r.applied for r in reports)
+    (warning,) = [w.getMessage() for w in warnings]
+    assert "autograd refuses" in warning and "fast mode" in warning
