@@ -238,7 +238,7 @@ PLANS = {
             ("SDXL full width (2.6 B), fp32", "sdxl-full", 512, 8, 1)],
     "gpu": [("SD1.5 full width, fp16", "sd15-fp16", 512, 20, 3),
             ("SDXL full width, fp16", "sdxl-full-fp16", 1024, 20, 2)],
-    "quick": [("SDXL-topology test model", "sdxl-test", 256, 8, 1)],
+    "quick": [("SDXL-topology test model", "sdxl-test", 128, 4, 1)],
 }
 BUILDERS = {"sd15": lambda: full_sd15(torch.float32), "sd15-fp16": lambda: full_sd15(torch.float16),
             "sdxl-full": lambda: full_sdxl(torch.float32), "sdxl-full-fp16": lambda: full_sdxl(torch.float16),
