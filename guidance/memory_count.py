@@ -66,7 +66,9 @@ class MemoryCounter(TorchDispatchMode):
             key = t.untyped_storage()._cdata
             if key in self.live:  # weights and inputs from outside are not the step's memory
                 self._saved[key] = self.live[key]
-        return t
+        # An alias without grad_fn: handing back `t` itself would tie an op's saved output to
+        # its own graph node in C++ (a cycle Python's collector cannot see, a graph kept alive).
+        return t.detach()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
