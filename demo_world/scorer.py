@@ -34,6 +34,7 @@ class Detection:
     cx: float  # centre of mass, pixels
     cy: float
     area: int
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)  # x0, y0, x1, y1 of its pixels (x1, y1 exclusive)
 
 
 def classify(mask: np.ndarray) -> str:
@@ -69,7 +70,8 @@ def detect(image: np.ndarray) -> list[Detection]:
             if area < MIN_AREA:
                 continue
             cy, cx = ndimage.center_of_mass(comp)
-            found.append(Detection(name, classify(comp), cx + obj[1].start, cy + obj[0].start, area))
+            found.append(Detection(name, classify(comp), cx + obj[1].start, cy + obj[0].start, area,
+                                   (obj[1].start, obj[0].start, obj[1].stop, obj[0].stop)))
     return found
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .boxes import box_masks, injection_delta
 from .losses import Pair
 from .relations import SpatialRelations
 
@@ -32,7 +33,8 @@ class Layer:
 
 
 def object_slots(relations: SpatialRelations) -> tuple[tuple[tuple[int, ...], ...], tuple[Pair, ...]]:
-    """Distinct token groups of all objects, and the relations as pairs of slot indices."""
+    """Distinct token groups of all objects (the relations' first, then the boxes'), and the
+    relations as pairs of slot indices."""
     groups: list[tuple[int, ...]] = []
     pairs = []
     for item in relations.items:
@@ -42,7 +44,16 @@ def object_slots(relations: SpatialRelations) -> tuple[tuple[tuple[int, ...], ..
                 groups.append(tokens)
             slots.append(groups.index(tokens))
         pairs.append(Pair(slots[0], slots[1], item.relation.relation))
+    for bound in relations.boxes:
+        if bound.tokens not in groups:
+            groups.append(bound.tokens)
     return tuple(groups), tuple(pairs)
+
+
+def box_slots(relations: SpatialRelations) -> tuple[int, ...]:
+    """The map slot (object_slots' order) of each of the relations' boxes."""
+    groups, _ = object_slots(relations)
+    return tuple(groups.index(b.tokens) for b in relations.boxes)
 
 
 class _ObjectTokenProbs(torch.autograd.Function):
@@ -127,6 +138,7 @@ class CaptureStore:
     pairs: tuple[Pair, ...] = ()
     capturing: bool = False
     replaying: bool = False
+    injecting: bool = False  # this step's cond forward gets the boxes' attention injection
     step_active: bool = False  # inside a guided (or observed) step's prediction
     latent_hw: tuple[int, ...] | None = None  # spatial size of the whole latent of this step
     cropped_calls: int = 0  # attn2 calls of cond rows skipped because they saw a crop (area conds)
@@ -159,6 +171,28 @@ class CaptureStore:
         if self.capturing:
             # several cond entries (e.g. combined conditionings) are averaged per image
             self._maps[layer].append(maps.view(-1, chunk, *maps.shape[1:]).mean(dim=0))
+
+    def injected(self, out: Tensor, q: Tensor, k: Tensor, v: Tensor, heads: int,
+                 cond_or_uncond: Sequence[int], hw: tuple[int, int]) -> Tensor:
+        """An attention layer's output with the boxes' injection added on its cond rows
+        (guidance.boxes.injection_delta), while injecting; else `out` itself. The delta is
+        computed without autograd: for the step's gradient it is a constant shift of the
+        output, so injection adds nothing to what backward keeps (its (B, H, N, 77) logits
+        would be ~0.6 GiB on SDXL at 1024 px)."""
+        if not self.injecting or 0 not in cond_or_uncond or not self.relations.boxes:
+            return out
+        chunk = q.shape[0] // len(cond_or_uncond)
+        rows = torch.tensor([i * chunk + j for i, c in enumerate(cond_or_uncond) if c == 0 for j in range(chunk)],
+                            device=q.device)
+        columns, masks = [], []
+        for bound, mask in zip(self.relations.boxes, box_masks([b.box for b in self.relations.boxes], *hw, q)):
+            for token in bound.tokens:
+                columns.append(token)
+                masks.append(mask.flatten())
+        with torch.no_grad():
+            delta = injection_delta(q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows),
+                                    heads, columns, torch.stack(masks), self.relations.layout.injection)
+        return out.index_add(0, rows, delta.to(out.dtype))
 
     def take(self) -> list[tuple[str, Tensor]]:
         """(level, maps (B, K, h, w)) per captured layer of this step; clears the store.

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention_stats import at_least_float32, object_stats
+from .boxes import box_layer_loss
 
 ACTIVATIONS = ("sigmoid", "relu", "leaky_relu", "gelu")
 ORTHOGONAL = {"none": 0, "l1": 1, "l2": 2}
@@ -120,6 +121,41 @@ def step_loss(layers: Sequence[tuple[str, Tensor]], pairs: Sequence[Pair], s: Lo
         raise ValueError("no attention maps were captured for this step.")
     per_layer = torch.stack([layer_loss(maps, pairs, level, s) for level, maps in layers])
     return per_layer.mean(dim=0).sum()
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What one guided step's loss sums: the relations' terms (pairs of map slots) and the
+    boxes' terms (box i on map slot box_slots[i], weighted by box_weight)."""
+
+    pairs: tuple[Pair, ...] = ()
+    box_slots: tuple[int, ...] = ()
+    boxes: tuple = ()  # guidance.boxes.Box, one per slot in box_slots
+    box_loss: str = "none"
+    box_weight: float = 0.0
+
+    @property
+    def has_boxes(self) -> bool:
+        return bool(self.boxes) and self.box_loss != "none" and self.box_weight > 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.pairs and not self.has_boxes
+
+
+def objective_loss(layers: Sequence[tuple[str, Tensor]], objective: Objective, s: LossSettings) -> Tensor:
+    """Mean over layers of the relation terms plus box_weight times the box terms, summed
+    over the batch: a scalar (step_loss when there are no boxes)."""
+    if not layers:
+        raise ValueError("no attention maps were captured for this step.")
+    per_layer = []
+    for level, maps in layers:
+        total = layer_loss(maps, objective.pairs, level, s)
+        if objective.has_boxes:
+            total = total + objective.box_weight * box_layer_loss(maps, objective.box_slots, objective.boxes,
+                                                                   objective.box_loss)
+        per_layer.append(total)
+    return torch.stack(per_layer).mean(dim=0).sum()
 
 
 def relation_holds(maps: Tensor, pairs: Sequence[Pair], s: LossSettings) -> Tensor:

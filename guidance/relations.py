@@ -10,6 +10,8 @@ import bisect
 import re
 from dataclasses import dataclass
 
+from .boxes import BoundBox, LayoutSettings
+
 # Canonical relation -> accepted phrasings (ALGORITHM.md section 1; "near" as in T2I-CompBench).
 PHRASINGS: dict[str, tuple[str, ...]] = {
     "left": ("to the left of", "on the left of", "left of"),
@@ -241,12 +243,15 @@ class BoundRelation:
 
 @dataclass(frozen=True)
 class SpatialRelations:
-    """What Spatial Relation Parse hands to the capture and guidance nodes."""
+    """What Spatial Relation Parse (and InfSplign Layout Boxes) hands to the capture and
+    guidance nodes: relations, and optionally boxes with their settings."""
 
     items: tuple[BoundRelation, ...]
     text: str
     encoder: str  # tokenizer family, e.g. "clip_l", "clip_h", "clip_g+clip_l"
     sequence_length: int  # tokens in the encoded prompt
+    boxes: tuple[BoundBox, ...] = ()
+    layout: LayoutSettings = LayoutSettings()
 
     def summary(self) -> str:
         lines = []
@@ -255,5 +260,12 @@ class SpatialRelations:
             verb = f"{r.relation} of" if r.relation in ("left", "right") else r.relation
             lines.append(f'{i}. "{r.object_a}" {verb} "{r.object_b}"  '
                          f"(tokens {r.object_a}: {list(b.tokens_a)}, {r.object_b}: {list(b.tokens_b)})")
+        for b in self.boxes:
+            x0, y0, x1, y1 = (round(v, 3) for v in b.box.corners)
+            lines.append(f'box "{b.box.object}": [{x0}, {y0}, {x1}, {y1}] (tokens {list(b.tokens)})')
+        if self.boxes:
+            s = self.layout
+            lines.append(f"injection {s.injection:g} until {s.injection_end_percent:g}, box loss {s.box_loss} "
+                         f"weight {s.box_weight:g} until {s.box_end_percent:g}")
         lines.append(f"encoder {self.encoder}, {self.sequence_length} tokens")
         return "\n".join(lines)

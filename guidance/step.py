@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .autograd import grad_enabled, grad_leaf
 from .capture import CaptureStore
-from .losses import LossSettings, step_loss
+from .losses import LossSettings, Objective, objective_loss, step_loss
 
 # Steps within this relative distance of a window boundary count as on it.
 WINDOW_TOLERANCE = 1e-3
@@ -96,6 +96,7 @@ class StepReport:
     sigma: float
     loss: float
     spatial: float  # the spatial term alone (the thesis' loss-reduction measure)
+    box: float = float("nan")  # the box terms alone (weighted), when the step had boxes
     grad_norm: float = 0.0
     applied: bool = False
     skipped: str = ""
@@ -107,12 +108,15 @@ class StepReport:
 NO_MAPS = "no attention maps were captured for this step"
 
 
-def _report(layers, store: CaptureStore, settings: GuidanceSettings, sigma: Tensor, loss: Tensor) -> StepReport:
+def _report(layers, objective: Objective, settings: GuidanceSettings, sigma: Tensor, loss: Tensor) -> StepReport:
     spatial_only = replace(settings.loss, orthogonal="none", presence_weight=0.0, balance_weight=0.0)
     with torch.no_grad():
         detached = [(level, maps.detach()) for level, maps in layers]
-        spatial = step_loss(detached, store.pairs, spatial_only)
-    return StepReport(float(sigma.max()), float(loss.detach()), float(spatial),
+        spatial = step_loss(detached, objective.pairs, spatial_only)
+        box = float("nan")
+        if objective.has_boxes:
+            box = float(objective_loss(detached, replace(objective, pairs=()), settings.loss))
+    return StepReport(float(sigma.max()), float(loss.detach()), float(spatial), box,
                       maps_dtype=str(layers[0][1].dtype).removeprefix("torch."), batch=layers[0][1].shape[0])
 
 
@@ -122,7 +126,8 @@ def _unguided(sigma: Tensor) -> StepReport:
 
 
 def guided_step(predict: Callable[[Tensor], Tensor], x: Tensor, sigma: Tensor,
-                store: CaptureStore, settings: GuidanceSettings) -> tuple[Tensor, StepReport]:
+                store: CaptureStore, settings: GuidanceSettings,
+                objective: Objective | None = None) -> tuple[Tensor, StepReport]:
     """One InfSplign step around the sampler's own prediction.
 
     `predict(x)` is the sampler's batched cond/uncond forward returning the denoised x0.
@@ -130,8 +135,9 @@ def guided_step(predict: Callable[[Tensor], Tensor], x: Tensor, sigma: Tensor,
     differentiated once w.r.t. x (one backward, no second forward), and Eq. 6 is applied
     to the detached prediction. Strength 0 only observes the loss. A non-finite loss or
     gradient, or a step on which no maps were captured, leaves the prediction unguided and
-    says so in the report.
+    says so in the report. `objective`: the terms of this step (default: the relations).
     """
+    objective = objective if objective is not None else Objective(store.pairs)
     store.capturing = True
     try:
         if settings.strength == 0:
@@ -140,7 +146,7 @@ def guided_step(predict: Callable[[Tensor], Tensor], x: Tensor, sigma: Tensor,
                 layers = store.take()
                 if not layers:
                     return denoised, _unguided(sigma)
-                return denoised, _report(layers, store, settings, sigma, step_loss(layers, store.pairs, settings.loss))
+                return denoised, _report(layers, objective, settings, sigma, objective_loss(layers, objective, settings.loss))
         with grad_enabled():
             x_leaf = grad_leaf(x)
             denoised = predict(x_leaf)
@@ -148,8 +154,8 @@ def guided_step(predict: Callable[[Tensor], Tensor], x: Tensor, sigma: Tensor,
             layers = store.take()
             if not layers:  # e.g. every cond saw only a crop of the latent: nothing to guide on
                 return denoised.detach(), _unguided(sigma)
-            loss = step_loss(layers, store.pairs, settings.loss)
-            report = _report(layers, store, settings, sigma, loss)
+            loss = objective_loss(layers, objective, settings.loss)
+            report = _report(layers, objective, settings, sigma, loss)
             if not torch.isfinite(loss):
                 report.skipped = "loss is not finite"
                 return denoised.detach(), report

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention_stats import at_least_float32, object_stats
-from .capture import object_slots
+from .capture import box_slots, object_slots
 from .losses import LossSettings, Pair, layer_loss, offsets
 from .relations import SpatialRelations
 
@@ -40,6 +40,8 @@ def object_names(relations: SpatialRelations) -> tuple[str, ...]:
     for item in relations.items:
         names.setdefault(item.tokens_a, item.relation.object_a)
         names.setdefault(item.tokens_b, item.relation.object_b)
+    for bound in relations.boxes:
+        names.setdefault(bound.tokens, bound.box.object)
     return tuple(names[g] for g in groups)
 
 
@@ -111,6 +113,7 @@ class RunTrace:
     steps: dict[int, StepRecord] = field(default_factory=dict)
     fingerprint: str = ""
     failed: str = ""  # why recording stopped, if it did
+    boxes: tuple[tuple[int, tuple[float, float, float, float]], ...] = ()  # (map slot, x0, y0, x1, y1)
 
     @property
     def total_steps(self) -> int:
@@ -153,11 +156,12 @@ class Trace:
     def __init__(self, relations: SpatialRelations, max_runs: int = MAX_RUNS):
         self.objects = object_names(relations)
         self.pairs = object_slots(relations)[1]
+        self.boxes = tuple(zip(box_slots(relations), (b.box.corners for b in relations.boxes)))
         self.runs: deque[RunTrace] = deque(maxlen=max_runs)
 
     def start(self, settings: LossSettings, guided: bool) -> RunTrace:
         """A run to fill; it joins the trace only through `finish`."""
-        return RunTrace(self.objects, self.pairs, settings, guided)
+        return RunTrace(self.objects, self.pairs, settings, guided, boxes=self.boxes)
 
     def finish(self, run: RunTrace, output: Tensor) -> None:
         run.fingerprint = fingerprint(output)

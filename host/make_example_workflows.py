@@ -1,6 +1,6 @@
-"""Writes example workflows a, b and c (UI format, as the ComfyUI frontend saves them).
+"""Writes example workflows a, b, c and e (UI format, as the ComfyUI frontend saves them).
 
-    .venv/bin/python host/make_example_workflows.py        # rewrite example_workflows/{a,b,c}_*.json
+    .venv/bin/python host/make_example_workflows.py        # rewrite example_workflows/{a,b,c,e}_*.json
     .venv/bin/python host/make_example_workflows.py --check  # exit 1 if a committed file differs
 
 Workflow d (the demo model) is edited by hand and not written here. Each node's sockets
@@ -67,11 +67,23 @@ SCHEMA = {
     "VAEDecode": ([("samples", "LATENT", False), ("vae", "VAE", False)], [], [("IMAGE", "IMAGE")]),
     "SaveImage": ([("images", "IMAGE", False)], [("filename_prefix", "STRING")], []),
     "MarkdownNote": ([], [("text", "STRING")], []),
+    "InfSplignDemoModelLoader": ([], [("weight_dtype", "COMBO")], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "InfSplignLayout": ([("clip", "CLIP", False), ("relations", "SPATIAL_RELATIONS", True)],
+                        [("text", "STRING"), ("boxes", "STRING"), ("injection", "FLOAT"),
+                         ("injection_end_percent", "FLOAT"), ("box_loss", "COMBO"), ("box_weight", "FLOAT"),
+                         ("box_end_percent", "FLOAT"), ("width", "INT"), ("height", "INT")],
+                        [("relations", "SPATIAL_RELATIONS"), ("summary", "STRING")]),
+    "InfSplignAttentionPreview": ([("latent", "LATENT", False), ("model", "MODEL", True), ("guider", "GUIDER", True)],
+                                  [("steps", "STRING"), ("size", "INT")], [("maps", "IMAGE"), ("loss_plot", "IMAGE")]),
 }
 
 # The pack's guidance settings at their INPUT_TYPES defaults (nodes/guidance_nodes.py).
 GUIDANCE_DEFAULTS = [1000.0, "sigmoid", 8.0, 0.0, "auto", 1.0, 1.0, 0.0, 0.25, False, 1.0, "auto"]
 PARSE_DEFAULTS = ["", "from text", ""]  # object_a, relation, object_b: read from the text
+# InfSplign Layout Boxes at its defaults (nodes/layout_node.DEFAULTS): injection .. box_end_percent.
+LAYOUT_DEFAULTS = [0.75, 0.3, "maalign", 1.0, 0.5]
+# Workflow d's guidance settings for the demo model (its maps read at temperature 8).
+DEMO_GUIDANCE = [30.0, "gelu", 2.0, 0.25, "auto", 1.0, 1.0, 0.0, 0.5, False, 8.0, "auto"]
 
 
 class Workflow:
@@ -260,10 +272,52 @@ def sd15_lora_controlnet() -> dict:
     return w.to_json()
 
 
+def demo_model_layout_boxes() -> dict:
+    w = Workflow("InfSplign Layout Boxes on the bundled demo model: each object drawn in its box. Runs offline.")
+    text = "a red circle and a blue square"
+    boxes = json.dumps([{"object": "red circle", "box": [0.06, 0.08, 0.4, 0.42]},
+                        {"object": "blue square", "box": [0.58, 0.55, 0.92, 0.89]}])
+    model = w.node("InfSplignDemoModelLoader", (X[0], 80), (320, 100), ["default"])
+    prompt = w.node("PrimitiveStringMultiline", (X[0], 230), (320, 130), [text], title="Prompt")
+    w.note((X[0], 410), (320, 300),
+           "**Layout boxes on the demo model**\n\nNeeds no model file. Draw a box per object on "
+           "*InfSplign Layout Boxes* (drag on the frame; pick the object above it; drag a box to move it, "
+           "its corner to resize, double-click to delete): the boxes go into its `boxes` text as JSON. "
+           "Early steps bias each object's attention toward its box (injection), later ones pull it in "
+           "with the box loss. The preview draws the boxes over the maps.")
+    pos = w.node("CLIPTextEncode", (X[1], 80), (320, 90), [text], title="Positive")
+    neg = w.node("CLIPTextEncode", (X[1], 220), (320, 90), [""], title="Negative")
+    latent = w.node("EmptyLatentImage", (X[1], 360), (320, 110), [128, 128, 4])
+    layout = w.node("InfSplignLayout", (X[2], 80), (360, 640), [text, boxes, *LAYOUT_DEFAULTS, 128, 128])
+    apply = w.node("InfSplignApply", (X[3] + 40, 80), (320, 310), list(DEMO_GUIDANCE))
+    sampler = w.node("KSampler", (X[3] + 40, 440), (320, 270), [7, "fixed", 20, 5.0, "euler", "normal", 1.0])
+    decode = w.node("VAEDecode", (X[4] + 80, 80), (210, 50))
+    save = w.node("SaveImage", (X[4] + 80, 180), (420, 420), ["infsplign_demo/layout_boxes"])
+    preview = w.node("InfSplignAttentionPreview", (X[4] + 80, 660), (900, 700), ["auto", 128],
+                     title="Attention preview (boxes drawn)")
+    for node in (pos, neg, layout):
+        w.link(model, 1, node, "clip")
+    w.link(prompt, 0, pos, "text")
+    w.link(prompt, 0, layout, "text")
+    w.link(model, 0, apply, "model")
+    w.link(layout, 0, apply, "relations")
+    w.link(apply, 0, sampler, "model")
+    w.link(pos, 0, sampler, "positive")
+    w.link(neg, 0, sampler, "negative")
+    w.link(latent, 0, sampler, "latent_image")
+    w.link(sampler, 0, decode, "samples")
+    w.link(model, 2, decode, "vae")
+    w.link(decode, 0, save, "images")
+    w.link(sampler, 0, preview, "latent")
+    w.link(apply, 0, preview, "model")
+    return w.to_json()
+
+
 WORKFLOWS = {
     "a_sd15_ksampler.json": sd15_ksampler,
     "b_sdxl_guider_custom_sampler.json": sdxl_guider_custom_sampler,
     "c_sd15_lora_controlnet.json": sd15_lora_controlnet,
+    "e_demo_model_layout_boxes.json": demo_model_layout_boxes,
 }
 
 

@@ -1,6 +1,7 @@
 """ComfyUI glue: node schemas and wiring; the method itself lives in guidance/."""
 from .demo_model import DemoModelLoader
 from .guidance_nodes import Apply, AttentionCapture, Guider
+from .layout_node import LayoutBoxes
 from .preview import AttentionPreview
 from .relation_parse import RelationParse
 
@@ -11,6 +12,7 @@ NODE_CLASS_MAPPINGS = {
     "InfSplignApply": Apply,
     "InfSplignDemoModelLoader": DemoModelLoader,
     "InfSplignAttentionPreview": AttentionPreview,
+    "InfSplignLayout": LayoutBoxes,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "InfSplignRelationParse": "Spatial Relation Parse",
@@ -19,4 +21,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "InfSplignApply": "InfSplign (KSampler)",
     "InfSplignDemoModelLoader": "InfSplign Demo Model",
     "InfSplignAttentionPreview": "InfSplign Attention Preview",
+    "InfSplignLayout": "InfSplign Layout Boxes",
 }

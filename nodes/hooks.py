@@ -43,8 +43,8 @@ from .unet_patches import BLOCK_PATCHES, autograd_guard, capture_patch, copy_ski
 from ..guidance.capture import CaptureStore, Layer
 from ..guidance.losses import LossSettings
 from ..guidance.relations import SpatialRelations
-from ..guidance.step import NO_MAPS, GuidanceSettings, StepReport, guided_step, in_window
-from . import memory_modes
+from ..guidance.step import NO_MAPS, GuidanceSettings, StepReport, guided_step
+from . import memory_modes, step_terms
 from ..guidance.trace import RunTrace, Trace
 
 log = logging.getLogger("infsplign")
@@ -115,6 +115,8 @@ def observe_wrapper(executor, x, timestep, model_options={}, seed=None):
     store = model_options.get("transformer_options", {}).get(RUN_KEY)
     if store is None:
         return executor(x, timestep, model_options, seed)
+    step_terms.set_injection(store, executor.class_obj.model_patcher.get_model_object("model_sampling"),
+                             float(timestep.max()))
     denoised = observed(lambda: executor(x, timestep, model_options, seed), x, store)
     trace_step(model_options["transformer_options"].get(TRACE_KEY), store, timestep, model_options, False, False)
     return denoised
@@ -160,10 +162,10 @@ def guidance_wrapper(relations: SpatialRelations, settings: GuidanceSettings):
         guider = executor.class_obj
         run = model_options["transformer_options"].get(TRACE_KEY)
         sampling = guider.model_patcher.get_model_object("model_sampling")
-        sigma_start = float(sampling.percent_to_sigma(settings.start_percent))
-        sigma_end = float(sampling.percent_to_sigma(settings.end_percent))
         sigma = float(timestep.max())
-        if not in_window(sigma, sigma_start, sigma_end):
+        step_terms.set_injection(store, sampling, sigma)
+        objective = step_terms.step_objective(store, settings, sampling, sigma)
+        if objective.empty:
             denoised = observed(lambda: executor(x, timestep, model_options, seed), x, store)
             trace_step(run, store, timestep, model_options, False, False)
             return denoised
@@ -177,7 +179,7 @@ def guidance_wrapper(relations: SpatialRelations, settings: GuidanceSettings):
                 # copy: post-CFG and cfg functions (RescaleCFG) compute with it and the latent.
                 return guided_step(
                     lambda xx: executor(xx, timestep.clone() if xx.requires_grad else timestep, model_options, seed),
-                    x, timestep, store, settings)
+                    x, timestep, store, settings, objective)
 
         def unguided(reason: str):
             denoised = observed(lambda: executor(x, timestep, model_options, seed), x, store)
@@ -185,7 +187,7 @@ def guidance_wrapper(relations: SpatialRelations, settings: GuidanceSettings):
         try:
             if plan is None:  # strength 0 only observes: no autograd, no extra memory
                 denoised, report = guided_step(lambda xx: executor(xx, timestep, model_options, seed),
-                                               x, timestep, store, settings)
+                                               x, timestep, store, settings, objective)
             else:
                 denoised, report = memory_modes.step_with_fallback(plan, plan.step_mode(), guided, unguided,
                                                                    _size(x))

@@ -72,6 +72,7 @@ def relation_text(run: RunTrace) -> str:
     parts = []
     for p in run.pairs:
         parts.append(f'"{run.objects[p.a]}" {VERBS[p.relation]} "{run.objects[p.b]}"')
+    parts += [f'"{run.objects[slot]}" in a box' for slot, _ in run.boxes]
     return "; ".join(parts)
 
 
@@ -145,6 +146,11 @@ def _cell(rec: StepRecord, image: int, slot: int, run: RunTrace, cw: int, ch: in
     draw = ImageDraw.Draw(cell)
     centres = rec.centroids[image]
     _draw_relation(draw, run, centres, (0, 0, cw, ch), run.settings.margin)
+    for box_slot, (x0, y0, x1, y1) in run.boxes:  # the box the row's object is guided into
+        if box_slot == slot:
+            corners = (x0 * (cw - 1), y0 * (ch - 1), x1 * (cw - 1), y1 * (ch - 1))
+            draw.rectangle(corners, outline=(0, 0, 0), width=4)
+            draw.rectangle(corners, outline=(255, 255, 255), width=2)
     r = max(4, cw // 22)
     for k in range(centres.shape[0]):
         if not torch.isfinite(centres[k]).all():
@@ -256,6 +262,9 @@ def render_maps(run: RunTrace, steps: list[int], size: int) -> Image.Image:
         explain = f'dotted circle: "{run.objects[run.pairs[0].a]}" belongs inside it.'
     else:
         explain = "per relation A-B: an arrow from B's centroid toward where A belongs; dotted: the line A must cross."
+    if run.boxes:
+        explain = ("white frame: the box of the row's object. " + explain) if run.pairs else \
+            "white frame: the box of the row's object."
     explain += " Each map is scaled to its own range."
     draw.text((gap, legend_y + line), _fit(measure, explain, small, width - 2 * gap), font=small, fill=DIM)
 

@@ -32,8 +32,9 @@ def capture_patch(store: CaptureStore, layer: Layer, previous=None):
                 # an area-cropped cond: maps of the crop, not the image
                 store.cropped_calls += store.capturing
             else:
-                store.record(layer, q, k, extra_options["n_heads"], extra_options["cond_or_uncond"],
-                             tuple(extra_options["activations_shape"][-2:]))
+                hw = tuple(extra_options["activations_shape"][-2:])
+                out = store.injected(out, q, k, v, extra_options["n_heads"], extra_options["cond_or_uncond"], hw)
+                store.record(layer, q, k, extra_options["n_heads"], extra_options["cond_or_uncond"], hw)
         return out
     return attn2
 

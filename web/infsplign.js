@@ -1,5 +1,5 @@
-// InfSplign web extension: after a run, Spatial Relation Parse shows its parsed summary
-// on the node, in a read-only text box.
+// InfSplign web extension: after a run, Spatial Relation Parse and InfSplign Layout Boxes
+// show their parsed summary on the node, in a read-only text box.
 //
 // Safety: the summary repeats words of the user's prompt. It is only ever a text widget's
 // value, which both node renderers put into a <textarea>'s `value` (plain text), never into
@@ -11,7 +11,7 @@
 import { app } from "../../scripts/app.js";
 
 const EXTENSION = "infsplign.relationSummary";
-const PARSE_NODE = "InfSplignRelationParse";
+const SUMMARY_NODES = ["InfSplignRelationParse", "InfSplignLayout"];
 const SUMMARY = "parsed";
 
 // ComfyUI serves this folder once per name it knows the pack by (its folder in
@@ -21,7 +21,7 @@ if (!app.extensions?.some((e) => e.name === EXTENSION)) {
   app.registerExtension({
     name: EXTENSION,
     async beforeRegisterNodeDef(nodeType, nodeData) {
-      if (nodeData.name !== PARSE_NODE) return;
+      if (!SUMMARY_NODES.includes(nodeData.name)) return;
       const onExecuted = nodeType.prototype.onExecuted;
       nodeType.prototype.onExecuted = function (message) {
         onExecuted?.apply(this, arguments);

@@ -93,7 +93,11 @@ try {
   result.help = await helpCase(page);
   mark("help_case_done");
 
-  // 4. The same markup graph under the Vue node renderer ("Nodes 2.0", opt-in).
+  // 4. InfSplign Layout Boxes: draw a box with the mouse, queue, fetch the image.
+  result.layout = await layoutCase(page);
+  mark("layout_case_done");
+
+  // 5. The same markup graph under the Vue node renderer ("Nodes 2.0", opt-in).
   result.vue = await vueCase(page);
   mark("vue_case_done");
 } catch (err) {
@@ -404,5 +408,111 @@ async function vueCase(page) {
   } finally {
     await page.evaluate(async () => { await window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", false); });
   }
+  return out;
+}
+
+
+/** Demo model -> Layout Boxes -> InfSplign (KSampler) -> KSampler -> VAEDecode -> SaveImage,
+ * built with the frontend's own node classes. `boxes` starts with one box; the red circle's
+ * box is drawn with the mouse on the editor. */
+async function layoutCase(page) {
+  const out = {};
+  const TEXT = "a red circle and a blue square";
+  const START = [{ object: "blue square", box: [0.55, 0.55, 0.95, 0.95] }];
+  await closeDialogs(page);
+  const ids = await page.evaluate(async ({ text, start }) => {
+    await window.app.loadGraphData({ last_node_id: 0, last_link_id: 0, nodes: [], links: [], groups: [],
+                                      config: {}, extra: {}, version: 0.4 });
+    const L = window.LiteGraph, g = window.app.graph;
+    const make = (type, pos, values = {}) => {
+      const n = L.createNode(type);
+      n.pos = pos;
+      g.add(n);
+      for (const [k, v] of Object.entries(values)) n.widgets.find((w) => w.name === k).value = v;
+      return n;
+    };
+    const model = make("InfSplignDemoModelLoader", [20, 40]);
+    const pos = make("CLIPTextEncode", [20, 220], { text });
+    const neg = make("CLIPTextEncode", [20, 420], { text: "" });
+    const layout = make("InfSplignLayout", [380, 40], { text, boxes: JSON.stringify(start), width: 128, height: 128 });
+    layout.setSize([420, Math.max(layout.size[1], 640)]);
+    const apply = make("InfSplignApply", [840, 40], { strength: 30, loss: "gelu", alpha: 2, margin: 0.25,
+                                                       end_percent: 0.5, temperature: 8 });
+    const latent = make("EmptyLatentImage", [840, 560], { width: 128, height: 128, batch_size: 1 });
+    const sampler = make("KSampler", [1200, 40], { seed: 1003, steps: 20, cfg: 5, sampler_name: "euler",
+                                                    scheduler: "normal" });
+    const decode = make("VAEDecode", [1200, 420]);
+    const save = make("SaveImage", [1450, 40]);
+    model.connect(1, pos, 0); model.connect(1, neg, 0); model.connect(1, layout, 0);
+    model.connect(0, apply, 0); layout.connect(0, apply, 1);
+    apply.connect(0, sampler, 0); pos.connect(0, sampler, 1); neg.connect(0, sampler, 2); latent.connect(0, sampler, 3);
+    sampler.connect(0, decode, 0); model.connect(2, decode, 1); decode.connect(0, save, 0);
+    const c = window.app.canvas;
+    c.ds.scale = 1;
+    c.ds.offset[0] = -layout.pos[0] + 200;
+    c.ds.offset[1] = -layout.pos[1] + 120;
+    c.setDirty(true, true);
+    return { layout: layout.id, save: save.id };
+  }, { text: TEXT, start: START });
+  out.ids = ids;
+  await page.waitForTimeout(800);
+  const editor = page.locator('canvas[data-infsplign="box-editor"]').first();
+  await editor.waitFor({ state: "visible", timeout: 10_000 });
+  await page.locator('input[data-infsplign="box-object"]').first().fill("red circle");
+  const geometry = async () => editor.evaluate((el) => ({ rect: el.getBoundingClientRect().toJSON(),
+    frame: JSON.parse(el.dataset.frame || "null"), css: [el.clientWidth, el.clientHeight] }));
+  let g = await geometry();
+  const to = ([fx, fy]) => {
+    const sx = g.rect.width / g.css[0], sy = g.rect.height / g.css[1]; // the canvas' zoom
+    return [g.rect.x + (g.frame.x + fx * g.frame.w) * sx, g.rect.y + (g.frame.y + fy * g.frame.h) * sy];
+  };
+  out.drawn = [0.06, 0.08, 0.42, 0.44];
+  const [ax, ay] = to(out.drawn.slice(0, 2)), [bx, by] = to(out.drawn.slice(2));
+  await page.mouse.move(ax, ay);
+  await page.mouse.down();
+  await page.mouse.move((ax + bx) / 2, (ay + by) / 2, { steps: 5 });
+  await page.mouse.move(bx, by, { steps: 5 });
+  await page.mouse.up();
+  await page.waitForTimeout(300);
+  out.widget = await page.evaluate((id) => window.app.graph.getNodeById(id).widgets.find((w) => w.name === "boxes").value,
+                                   ids.layout);
+  out.serialized = await page.evaluate((id) => window.app.graph.getNodeById(id).serialize().widgets_values, ids.layout);
+  out.prompt_inputs = await page.evaluate(async (id) => (await window.app.graphToPrompt()).output[String(id)]?.inputs ?? null,
+                                          ids.layout);
+  const shot = path.join(SHOTS, "layout_editor.png");
+  await page.screenshot({ path: shot });
+  result.screenshots.layout_editor = shot;
+
+  out.run = await runGraph(page, "layout");
+  await page.waitForFunction((id) => (window.app.graph.getNodeById(id)?.imgs ?? []).some((i) => i.complete && i.naturalWidth),
+                             ids.save, { timeout: 30_000, polling: 250 }).catch(() => {});
+  out.image = await page.evaluate(async (id) => {
+    const img = window.app.graph.getNodeById(id)?.imgs?.[0];
+    if (!img) return null;
+    const bytes = new Uint8Array(await (await fetch(img.src)).arrayBuffer());
+    let text = "";
+    for (const b of bytes) text += String.fromCharCode(b);
+    return { src: img.src, png_base64: btoa(text) };
+  }, ids.save);
+  const shot2 = path.join(SHOTS, "layout_after_run.png");
+  await page.screenshot({ path: shot2 });
+  result.screenshots.layout_after_run = shot2;
+
+  // Markup as an object name: drawn as canvas text, kept as text in the JSON, no element made.
+  await page.locator('input[data-infsplign="box-object"]').first().fill(MARKUP.slice(0, 60));
+  g = await geometry(); // the node's summary grew after the run: the editor may have moved
+  out.markup_drawn = [0.6, 0.1, 0.9, 0.4];
+  const [cx, cy] = to(out.markup_drawn.slice(0, 2)), [dx, dy] = to(out.markup_drawn.slice(2));
+  await page.mouse.move(cx, cy);
+  await page.mouse.down();
+  await page.mouse.move(dx, dy, { steps: 4 });
+  await page.mouse.up();
+  await page.waitForTimeout(300);
+  out.markup_widget = await page.evaluate((id) => window.app.graph.getNodeById(id).widgets.find((w) => w.name === "boxes").value,
+                                          ids.layout);
+  out.after_markup = await injectionReport(page);
+  const shot3 = path.join(SHOTS, "layout_markup.png");
+  await page.screenshot({ path: shot3 });
+  result.screenshots.layout_markup = shot3;
   return out;
 }

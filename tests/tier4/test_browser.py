@@ -116,7 +116,8 @@ def _no_markup_in_dom(report: dict, when: str) -> None:
 
 
 def test_the_extension_loads_once_without_errors(seen):
-    assert seen["frontend"]["infsplign_extensions"] == ["infsplign.relationSummary"], seen["frontend"]
+    assert sorted(seen["frontend"]["infsplign_extensions"]) == ["infsplign.layoutEditor", "infsplign.relationSummary"], \
+        seen["frontend"]
     ours = [e for e in seen["console_errors"] + seen["page_errors"] if "infsplign" in e.lower()]
     assert not ours, f"errors from the pack in the browser console: {ours}"
 
@@ -202,3 +203,40 @@ def test_every_pack_node_has_help_in_the_frontend(seen):
         assert doc["description"], f"{name} has no DESCRIPTION (the frontend's fallback help)"
     assert seen["help"]["panel_has_help"], "the (i) button did not open the pack's help for Spatial Relation Parse"
     assert seen["help"]["panel_has_table"]
+
+
+def test_a_box_drawn_on_the_layout_node_is_where_the_object_lands(seen):
+    """Drag on the InfSplign Layout Boxes editor: the `boxes` widget gets the box (saved in the
+    workflow and sent with the prompt); the guided image has the red circle in it."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from infsplign.demo_world import scorer
+
+    lay = seen["layout"]
+    boxes = {b["object"]: b["box"] for b in json.loads(lay["widget"])}
+    assert boxes["blue square"] == [0.55, 0.55, 0.95, 0.95]  # the box it started with
+    drawn = boxes["red circle"]
+    assert all(abs(a - b) < 0.02 for a, b in zip(drawn, lay["drawn"])), (drawn, lay["drawn"])
+    assert lay["widget"] in lay["serialized"]  # saved into the workflow
+    assert lay["prompt_inputs"]["boxes"] == lay["widget"] and "box_editor" not in lay["prompt_inputs"]
+    assert lay["run"]["status"] == "execution_success", lay["run"]
+    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(lay["image"]["png_base64"]))).convert("RGB")) / 255.0
+    circle = scorer.find(scorer.detect(image), "red", "circle")
+    assert circle is not None, "no red circle in the guided image"
+    size = image.shape[0]
+    x0, y0, x1, y1 = (v * size for v in drawn)
+    assert x0 <= circle.cx <= x1 and y0 <= circle.cy <= y1, (circle, drawn)
+
+
+def test_markup_in_a_box_name_stays_text(seen):
+    lay = seen["layout"]
+    boxes = json.loads(lay["markup_widget"])
+    names = [b["object"] for b in boxes]
+    assert MARKUP[:60].strip() in names or " ".join(MARKUP[:60].split()) in names, names
+    drawn = boxes[names.index(next(n for n in names if "<" in n))]["box"]
+    assert all(abs(a - b) < 0.02 for a, b in zip(drawn, lay["markup_drawn"])), (drawn, lay["markup_drawn"])
+    _no_markup_in_dom(lay["after_markup"], "box editor")

@@ -1,0 +1,103 @@
+"""InfSplign Layout Boxes: boxes for objects of the prompt -> SPATIAL_RELATIONS with boxes.
+
+The guidance nodes (InfSplign (KSampler), InfSplign Guider, Attention Capture Patch,
+Attention Preview) take the output as they take Spatial Relation Parse's: the boxes add
+iLGD's attention injection and a box loss term to the same capture and guided step.
+The `boxes` value is data only (guidance/boxes.parse_boxes); web/layout_editor.js draws
+and edits it on the node.
+"""
+from __future__ import annotations
+
+from ..guidance.boxes import BOX_LOSSES, BoundBox, BoxError, LayoutSettings, parse_boxes, plan_boxes
+from ..guidance.relations import SpatialRelations
+from . import tokens
+
+CATEGORY = "conditioning/InfSplign"
+# Shipped defaults: chosen on the demo model's tuning prompts and seeds (demo/evaluate_boxes.py --tune).
+DEFAULTS = {"injection": 0.75, "injection_end_percent": 0.3, "box_loss": "maalign", "box_weight": 1.0,
+            "box_end_percent": 0.5}
+
+
+def bind_boxes(clip, text: str, boxes_json: str, relations: SpatialRelations | None,
+               layout: LayoutSettings) -> SpatialRelations:
+    """The prompt's boxes (or boxes planned from `relations`), bound to token positions."""
+    boxes = parse_boxes(boxes_json)
+    encoder = tokens.encoder_family(clip)
+    items = ()
+    if relations is not None:
+        if " ".join(relations.text.split()) != " ".join(text.split()) or relations.encoder != encoder:
+            raise BoxError("The relations connected to InfSplign Layout Boxes were parsed from another text or "
+                           "CLIP. Give both nodes the same CLIP and the same text as the positive prompt.")
+        if boxes:
+            items = relations.items  # merged: relation terms and box terms together
+        else:  # planned: the relations are guided by boxes instead of centroids
+            boxes = plan_boxes([(i.relation.object_a, i.relation.relation, i.relation.object_b)
+                                for i in relations.items])
+    if not boxes:
+        raise BoxError('No boxes: draw them on the node (or write them into "boxes"), or connect the '
+                       "relations of Spatial Relation Parse to have boxes planned from them.")
+    occurrence = {}  # an object named by the relations is the mention they mean
+    for item in (relations.items if relations is not None else ()):
+        occurrence.setdefault(item.relation.object_a, item.relation.occurrence_a)
+        occurrence.setdefault(item.relation.object_b, item.relation.occurrence_b)
+    bound = [BoundBox(box, tokens.locate(clip, text, box.object, occurrence.get(box.object, 0), f"box {i} object"))
+             for i, box in enumerate(boxes, 1)]
+    slots = [b.tokens for b in bound]
+    if len(set(slots)) < len(slots):
+        raise BoxError("Two boxes name the same words of the prompt; give each object one box.")
+    return SpatialRelations(items, text, encoder, tokens.sequence_length(clip, text), tuple(bound), layout)
+
+
+class LayoutBoxes:
+    DESCRIPTION = ("Boxes for objects of the prompt (fractions of the image, origin top-left), drawn on the "
+                   "node: iLGD's attention injection early in sampling, then a box loss (iLGD's or GOAL's "
+                   "masked attention alignment) on the same guided step as InfSplign's relations. Connect "
+                   "its output where Spatial Relation Parse's relations go.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("SPATIAL_RELATIONS", "STRING")
+    RETURN_NAMES = ("relations", "summary")
+    FUNCTION = "layout"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        f = lambda default, lo, hi, step, tip: ("FLOAT", {"default": default, "min": lo, "max": hi,  # noqa: E731
+                                                          "step": step, "tooltip": tip})
+        return {
+            "required": {
+                "clip": ("CLIP", {"tooltip": "The CLIP that encodes the positive prompt."}),
+                "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
+                                    "tooltip": "The same text as the positive prompt."}),
+                "boxes": ("STRING", {"multiline": True, "default": "[]", "tooltip":
+                          'JSON: [{"object": "red circle", "box": [x0, y0, x1, y1]}, ...], fractions of the image, '
+                          "origin top-left (the editor on the node writes it). Empty with relations connected: "
+                          "boxes are planned from the relations."}),
+                "injection": f(DEFAULTS["injection"], 0.0, 10.0, 0.05,
+                               "nu' of iLGD: bias of each object's attention toward its box early in sampling, as a "
+                               "fraction of the word's attention range (0 = off)."),
+                "injection_end_percent": f(DEFAULTS["injection_end_percent"], 0.0, 1.0, 0.01,
+                                           "Injection acts on the steps before this point of the schedule."),
+                "box_loss": (list(BOX_LOSSES), {"default": DEFAULTS["box_loss"], "tooltip":
+                             "ilgd: (1 - share of the attention inside the box)^2; maalign: GOAL's "
+                             "(1 - max inside) + max outside; none: injection only."}),
+                "box_weight": f(DEFAULTS["box_weight"], 0.0, 1000.0, 0.1,
+                                "Weight of the box loss in the guided step (times the guidance strength)."),
+                "box_end_percent": f(DEFAULTS["box_end_percent"], 0.0, 1.0, 0.01,
+                                     "The box loss guides the steps before this point of the schedule."),
+            },
+            "optional": {
+                "relations": ("SPATIAL_RELATIONS", {"tooltip": "From Spatial Relation Parse: merged in; with no "
+                              "boxes, boxes are planned from them."}),
+                "width": ("INT", {"default": 512, "min": 64, "max": 16384, "step": 8,
+                                  "tooltip": "The image width: the editor's aspect only."}),
+                "height": ("INT", {"default": 512, "min": 64, "max": 16384, "step": 8,
+                                   "tooltip": "The image height: the editor's aspect only."}),
+            },
+        }
+
+    def layout(self, clip, text, boxes, injection, injection_end_percent, box_loss, box_weight, box_end_percent,
+               relations=None, width=512, height=512):
+        settings = LayoutSettings(injection, injection_end_percent, box_loss, box_weight, box_end_percent)
+        result = bind_boxes(clip, text, boxes, relations, settings)
+        summary = result.summary()
+        return {"ui": {"text": [summary]}, "result": (result, summary)}

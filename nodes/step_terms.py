@@ -1,0 +1,38 @@
+"""Which terms a sampling step has: the relations' window, the boxes' window, injection.
+
+Each term acts on the part of the schedule it was given, as ComfyUI's percents
+(model_sampling.percent_to_sigma, guidance.step.in_window's rule and tolerance):
+- the relation terms (InfSplign's centroid loss) inside [start_percent, end_percent);
+- the box terms (InfSplign Layout Boxes' box_loss, box_weight) inside [0, box_end_percent);
+- iLGD's attention injection (`injection`) inside [0, injection_end_percent), on every
+  step there, guided or not (it changes the forward, not the gradient).
+"""
+from __future__ import annotations
+
+from ..guidance.capture import CaptureStore, box_slots
+from ..guidance.losses import Objective
+from ..guidance.step import GuidanceSettings, in_window
+
+
+def _within(sampling, sigma: float, start: float, end: float) -> bool:
+    return end > start and in_window(sigma, float(sampling.percent_to_sigma(start)),
+                                     float(sampling.percent_to_sigma(end)))
+
+
+def step_objective(store: CaptureStore, settings: GuidanceSettings, sampling, sigma: float) -> Objective:
+    """The loss terms of the step at `sigma` (empty outside every window)."""
+    relations, layout = store.relations, store.relations.layout
+    pairs = store.pairs if _within(sampling, sigma, settings.start_percent, settings.end_percent) else ()
+    boxed = (relations.boxes and layout.box_loss != "none" and layout.box_weight > 0
+             and _within(sampling, sigma, 0.0, layout.box_end_percent))
+    if not boxed:
+        return Objective(pairs)
+    return Objective(pairs, box_slots(relations), tuple(b.box for b in relations.boxes), layout.box_loss,
+                     layout.box_weight)
+
+
+def set_injection(store: CaptureStore, sampling, sigma: float) -> None:
+    """Turn the store's attention injection on for a step inside the injection window."""
+    layout = store.relations.layout
+    store.injecting = bool(store.relations.boxes) and layout.injection > 0 and _within(
+        sampling, sigma, 0.0, layout.injection_end_percent)

@@ -1,0 +1,124 @@
+"""Tier 1: guidance.boxes: reading the boxes, masks, loss terms, injection, planning."""
+import json
+
+import pytest
+import torch
+
+from infsplign.guidance.boxes import (Box, BoxError, LayoutSettings, box_layer_loss, box_masks, injection_bias,
+                                      injection_delta, inside_share, parse_boxes, plan_boxes)
+from infsplign.guidance.losses import LossSettings, Objective, Pair, objective_loss, step_loss
+
+
+def test_boxes_are_read_as_data():
+    text = json.dumps([{"object": " red  circle ", "box": [0.1, 0.2, 0.5, 0.6]}, {"object": "dog", "box": [0, 0, 1, 1]}])
+    assert parse_boxes(text) == [Box("red circle", 0.1, 0.2, 0.5, 0.6), Box("dog", 0.0, 0.0, 1.0, 1.0)]
+    assert parse_boxes("[]") == [] and parse_boxes("  ") == []
+
+
+@pytest.mark.parametrize("text, says", [
+    ("[{", "not valid JSON"),
+    ('{"object": "cat"}', "must be a JSON list"),
+    ('[{"object": "cat", "box": [0.1, 0.2, 1.5, 0.6]}]', "must lie in [0, 1]"),
+    ('[{"object": "cat", "box": [0.5, 0.2, 0.5, 0.6]}]', "need x0 < x1 and y0 < y1"),
+    ('[{"object": "cat", "box": [0.1, 0.7, 0.5, 0.6]}]', "need x0 < x1 and y0 < y1"),
+    ('[{"object": "cat", "box": [0.1, 0.2, 0.5]}]', "four numbers"),
+    ('[{"object": "cat", "box": [0.1, "a", 0.5, 0.6]}]', "use a number"),
+    ('[{"object": "cat", "box": [0.1, true, 0.5, 0.6]}]', "use a number"),
+    ('[{"object": "cat", "box": [0.1, NaN, 0.5, 0.6]}]', "use a number"),
+    ('[{"box": [0.1, 0.2, 0.5, 0.6]}]', '"object": "<words of the prompt>"'),
+    ('[{"object": "  ", "box": [0.1, 0.2, 0.5, 0.6]}]', "empty object"),
+    ('[{"object": "cat", "box": [0, 0, 0.5, 0.5]}, {"object": "Cat", "box": [0.5, 0.5, 1, 1]}]', "two boxes"),
+    (json.dumps([{"object": f"o{i}", "box": [0, 0, 1, 1]} for i in range(17)]), "at most 16"),
+    ("[" * 100_000, "not valid JSON"),
+])
+def test_bad_boxes_name_the_value_and_the_fix(text, says):
+    with pytest.raises(BoxError, match=None) as e:
+        parse_boxes(text)
+    assert says in str(e.value), str(e.value)
+
+
+def test_settings_refuse_bad_values():
+    with pytest.raises(BoxError, match="injection is -1"):
+        LayoutSettings(injection=-1)
+    with pytest.raises(BoxError, match='box_loss "l2"'):
+        LayoutSettings(box_loss="l2")
+    with pytest.raises(BoxError, match="box_end_percent is 1.5"):
+        LayoutSettings(box_end_percent=1.5)
+
+
+def test_masks_are_the_covered_share_of_each_cell():
+    m = box_masks([Box("a", 0.0, 0.0, 0.5, 0.5), Box("b", 0.125, 0.0, 0.375, 1.0)], 4, 4, torch.zeros(1))
+    assert torch.equal(m[0], torch.tensor([[1.0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
+    assert torch.allclose(m[1][:, :2], torch.full((4, 2), 0.5)) and m[1][:, 2:].abs().sum() == 0
+
+
+def maps_with(cells):
+    maps = torch.zeros(1, 1, 4, 4)
+    for y, x in cells:
+        maps[0, 0, y, x] = 1.0
+    return maps
+
+
+def test_box_losses_vanish_when_the_attention_is_in_the_box():
+    box = [Box("a", 0.0, 0.0, 0.5, 0.5)]
+    inside, outside = maps_with([(0, 0), (1, 1)]), maps_with([(3, 3)])
+    assert box_layer_loss(inside, [0], box, "ilgd").item() == 0.0
+    assert box_layer_loss(outside, [0], box, "ilgd").item() == 1.0
+    assert box_layer_loss(inside, [0], box, "maalign").item() == 0.0  # (1 - 1) + 0
+    assert box_layer_loss(outside, [0], box, "maalign").item() == 2.0  # (1 - 0) + 1
+    assert torch.equal(inside_share(inside, [0], box), torch.tensor([[1.0]]))
+
+
+def test_the_box_loss_gradient_moves_attention_into_the_box():
+    box = [Box("a", 0.0, 0.0, 0.5, 0.5)]
+    logits = torch.zeros(1, 1, 4, 4, requires_grad=True)
+    for kind in ("ilgd", "maalign"):
+        maps = torch.softmax(logits.flatten(), 0).view(1, 1, 4, 4)
+        (g,) = torch.autograd.grad(box_layer_loss(maps, [0], box, kind).sum(), logits)
+        assert (g[0, 0, :2, :2] < 0).all() and (g[0, 0, 2:, 2:] >= 0).all(), kind  # descent raises the inside
+
+
+def test_objective_adds_weighted_box_terms_to_the_relation_terms():
+    maps = torch.rand(2, 2, 4, 4)
+    layers = [("coarse", maps), ("mid", maps)]
+    pairs = (Pair(0, 1, "left"),)
+    s = LossSettings()
+    plain = objective_loss(layers, Objective(pairs), s)
+    assert torch.equal(plain, step_loss(layers, pairs, s))
+    boxes = (Box("a", 0, 0, 0.5, 1), Box("b", 0.5, 0, 1, 1))
+    with_boxes = objective_loss(layers, Objective(pairs, (0, 1), boxes, "ilgd", 2.0), s)
+    want = plain + 2.0 * box_layer_loss(maps, (0, 1), boxes, "ilgd").sum()
+    assert torch.allclose(with_boxes, want)
+    assert Objective().empty and not Objective(pairs).empty and Objective((), (0,), boxes[:1], "ilgd", 1.0).has_boxes
+    assert Objective((), (0,), boxes[:1], "none", 1.0).empty
+
+
+def test_injection_biases_only_the_object_columns_inside_the_box():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 4, 5)  # (B, H, N, T)
+    masks = torch.tensor([[1.0, 1.0, 0.0, 0.0]])  # the object (token 3) goes to the first two positions
+    assert torch.equal(injection_bias(logits, [3], masks, 0.0), torch.zeros_like(logits))
+    bias = injection_bias(logits, [3], masks, 0.5)
+    spread = logits[..., 3].amax(-1) - logits[..., 3].amin(-1)
+    assert torch.allclose(bias[..., :2, 3], 0.5 * spread[..., None].expand(1, 2, 2))
+    assert bias[..., 2:, 3].abs().sum() == 0 and bias[..., [0, 1, 2, 4]].abs().sum() == 0
+
+
+def test_injection_delta_is_zero_at_strength_zero_and_raises_the_object_inside():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 8), torch.randn(1, 5, 8), torch.eye(5, 8)[None]
+    masks = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    assert torch.equal(injection_delta(q, k, v, 2, [3], masks, 0.0), torch.zeros(1, 4, 8))
+    d = injection_delta(q, k, v, 1, [3], masks, 1.0)  # one head: v's row 3 is the object's own value
+    assert (d[0, :2, 3] > 0).all() and d[0, 2:].abs().max() < 1e-6
+
+
+def test_planned_boxes_follow_the_relation():
+    (a, b) = plan_boxes([("cat", "left", "dog")])
+    assert a.object == "cat" and a.x1 < 0.5 < b.x0 and a.centre[1] == b.centre[1]
+    (a, b) = plan_boxes([("cat", "above", "dog")])
+    assert a.y1 < 0.5 < b.y0
+    boxes = {x.object: x for x in plan_boxes([("cat", "left", "dog"), ("bird", "above", "dog")])}
+    assert boxes["bird"].y0 < boxes["dog"].y0 and 0 <= boxes["bird"].y0 and boxes["bird"].y1 <= 1
+    boxes = {x.object: x for x in plan_boxes([("cat", "left", "dog"), ("cat", "above", "car")])}
+    assert boxes["car"].y0 > boxes["cat"].y0  # car below the already placed cat

@@ -1,0 +1,177 @@
+"""Tier 3: InfSplign Layout Boxes through the real executor.
+
+- injection 0 with every loss at strength 0 is bitwise plain sampling; injection changes
+  the steps of its window only and leaks onto no other branch and no later prompt;
+- the box loss is one more term of the same guided step: its window, both sampler paths,
+  memory `low` equal to `fast`;
+- injection composes with another pack's attn2 patch on the captured layers, both orders;
+- boxes planned from relations; bad boxes are clear errors that name the value.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from graphs import workflow
+from test_compat import Runner, differs
+from test_robustness import assert_nothing_left, leftovers
+
+pytestmark = pytest.mark.host
+SD1 = "infsplign_test_sd1.safetensors"
+TEXT = "a cat and a dog"
+BOXES = json.dumps([{"object": "cat", "box": [0.05, 0.1, 0.45, 0.6]}, {"object": "dog", "box": [0.55, 0.4, 0.95, 0.9]}])
+STEPS = 4
+LAYOUT = {"injection": 0.75, "injection_end_percent": 0.5, "box_loss": "maalign", "box_weight": 1.0,
+          "box_end_percent": 0.5}
+PATHS = ["ksampler", "custom"]
+
+
+@pytest.fixture(scope="module")
+def run(host, checkpoints):
+    return Runner(host)
+
+
+def boxed(path="ksampler", boxes=BOXES, text=TEXT, ckpt=SD1, relations=False, steps=STEPS, **settings) -> dict:
+    """workflow() whose guidance node reads InfSplign Layout Boxes ("layout") (relations
+    merged in when `relations`)."""
+    layout = {k: settings.pop(k) for k in list(settings) if k in LAYOUT}
+    g = workflow(ckpt, path, text=text, steps=steps, **settings)
+    node = "apply" if path == "ksampler" else "guider"
+    g["layout"] = {"class_type": "InfSplignLayout", "inputs": {
+        "clip": ["ckpt", 1], "text": text, "boxes": boxes, **{**LAYOUT, **layout}}}
+    if relations:
+        g["layout"]["inputs"]["relations"] = ["parse", 0]
+    else:
+        del g["parse"]
+    g[node]["inputs"]["relations"] = ["layout", 0]
+    return g
+
+
+def plain(path="ksampler", text=TEXT, steps=STEPS) -> dict:
+    g = workflow(SD1, path, text=text, steps=steps, guided=False)
+    del g["parse"]
+    return g
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_no_injection_and_strength_zero_is_plain_sampling(run, path):
+    off = run(boxed(path, injection=0.0, strength=0.0))
+    assert torch.equal(off.latent, run(plain(path)).latent)
+    # the box loss was observed on the steps of its window (maps read, nothing applied)
+    assert len(off.reports) == STEPS // 2 and all(not r.applied and r.box == r.box for r in off.reports)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_injection_changes_sampling_and_only_inside_its_window(run, path):
+    injected = run(boxed(path, strength=0.0))
+    assert differs(injected.latent, run(plain(path)).latent)
+    assert torch.isfinite(injected.latent).all()
+    # a window that ends before the first step: no injection at all
+    closed = run(boxed(path, strength=0.0, injection_end_percent=0.0))
+    assert torch.equal(closed.latent, run(plain(path)).latent)
+    # a longer window changes more than a shorter one changes: the window is honoured
+    longer = run(boxed(path, strength=0.0, injection_end_percent=1.0))
+    assert differs(longer.latent, injected.latent)
+
+
+def test_injection_leaks_onto_no_other_branch_and_no_later_prompt(host, checkpoints):
+    """One prompt, two branches from the same MODEL: A with the layout's injection and box
+    loss, B plain (it waits for A). B equals a plain run; so does the next prompt; nothing
+    is left on the model."""
+    g = boxed("ksampler")
+    g["zero"] = {"class_type": "LatentMultiply", "inputs": {"samples": ["sample", 0], "multiplier": 0.0}}
+    g["sample_b"] = {"class_type": "KSampler", "inputs": {**g["sample"]["inputs"], "model": ["ckpt", 0],
+                                                          "latent_image": ["zero", 0]}}
+    g["save_b"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sample_b", 0], "filename_prefix": "b"}}
+    session = host.Session()
+    left = leftovers()
+    first = session.execute(g)
+    assert first.success, first.error()
+    b = host.saved_latents(first, "save_b")[0]
+    reference = host.saved_latents(host.execute(plain()), "save_latent")[0]
+    assert torch.equal(b, reference)
+    later = session.execute(plain())
+    assert later.success, later.error()
+    assert torch.equal(host.saved_latents(later, "save_latent")[0], reference)
+    source = session.output("ckpt")
+    options = source.model_options.get("transformer_options", {})
+    assert not options.get("patches") and not options.get("patches_replace")
+    assert_nothing_left(left)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_box_loss_guides_the_steps_of_its_window(run, path):
+    res = run(boxed(path, injection=0.0, strength=30.0))
+    assert len(res.reports) == STEPS // 2
+    assert all(r.applied and r.grad_norm > 0 and r.box > 0 for r in res.reports), res.reports
+    assert differs(res.latent, run(plain(path)).latent)
+    # no relation in the prompt: the spatial term has no pair
+    assert all(r.spatial == 0 for r in res.reports)
+
+
+@pytest.mark.parametrize("box_loss", ["ilgd", "maalign"])
+def test_box_losses_and_injection_in_low_memory_equal_fast(run, box_loss):
+    fast = run(boxed("ksampler", box_loss=box_loss, strength=30.0, memory="fast", batch=2))
+    low = run(boxed("ksampler", box_loss=box_loss, strength=30.0, memory="low", batch=2))
+    assert {r.memory_mode for r in fast.reports} == {"fast"} and {r.memory_mode for r in low.reports} == {"low"}
+    assert (fast.latent - low.latent).abs().max() <= 1e-5
+
+
+def test_boxes_and_relations_together(run):
+    """Relations merged in: the step's loss has the spatial term and the box term."""
+    text = "a cat to the left of a dog"
+    res = run(boxed("ksampler", text=text, relations=True, strength=30.0, end_percent=0.5, injection=0.0))
+    assert len(res.reports) == STEPS // 2
+    assert all(r.applied and r.spatial == r.spatial and r.box > 0 for r in res.reports), res.reports
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_boxes_planned_from_relations(run, path):
+    text = "a cat to the left of a dog"
+    res = run(boxed(path, boxes="[]", text=text, relations=True, strength=30.0, injection=0.0))
+    assert len(res.reports) == STEPS // 2 and all(r.applied and r.box > 0 for r in res.reports)
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_injection_composes_with_another_packs_attention_patch(run, order):
+    """The other pack's attn2 patch on the captured layers runs on every step and its effect
+    is kept; the injection still acts next to it."""
+    import nodes
+    calls = nodes.NODE_CLASS_MAPPINGS["InfSplignTestAttentionPatch"].calls
+
+    def graph(scale, injection):
+        tag = f"boxes-{order}-{scale}-{injection}"
+        g = boxed("ksampler", strength=0.0, injection=injection, injection_end_percent=1.0)
+        g["other"] = {"class_type": "InfSplignTestAttentionPatch", "inputs": {
+            "model": ["ckpt", 0], "blocks": "3,4,5,6,7,8", "tag": tag, "scale": scale}}
+        if order == "before":
+            g["apply"]["inputs"]["model"] = ["other", 0]
+        else:
+            g["other"]["inputs"]["model"] = ["apply", 0]
+            g["sample"]["inputs"]["model"] = ["other", 0]
+        return g, tag
+    latents = {}
+    for scale, injection in ((1.0, 0.75), (0.5, 0.75), (1.0, 0.0)):
+        g, tag = graph(scale, injection)
+        latents[scale, injection] = run(g).latent
+        assert calls[tag] >= 6 * STEPS
+    assert differs(latents[1.0, 0.75], latents[0.5, 0.75])  # the other patch still acts
+    assert differs(latents[1.0, 0.75], latents[1.0, 0.0])  # and so does the injection
+
+
+@pytest.mark.parametrize("boxes, message", [
+    ("[{'object': 'cat'}]", "not valid JSON"),
+    (json.dumps([{"object": "cat", "box": [0.5, 0.1, 0.4, 0.6]}]), "x0 < x1"),
+    (json.dumps([{"object": "cat", "box": [0.1, 0.1, 1.4, 0.6]}]), "[0, 1]"),
+    (json.dumps([{"object": "horse", "box": [0.1, 0.1, 0.4, 0.6]}]), "horse"),
+    (json.dumps([{"object": "cat", "box": [0.1, 0.1, 0.4, 0.6]}, {"object": "cat", "box": [0.5, 0.1, 0.9, 0.6]}]),
+     "two boxes"),
+    (json.dumps([{"object": "cat", "box": [0, 0, 0.1, 0.1]}] * 17), "16"),
+    ("[]", "No boxes"),
+])
+def test_bad_boxes_are_clear_errors(host, checkpoints, boxes, message):
+    res = host.execute(boxed("ksampler", boxes=boxes))
+    assert not res.success
+    assert message in res.error(), res.error()
