@@ -9,11 +9,13 @@ about the objects' size (demo_world/box_evaluation.py); its four seeds are the b
 initial noises, from the same noise seed in every arm. Arms: unguided; injection only
 (iLGD's attention injection, no loss); box loss only (ilgd, maalign); both (the node's
 shipped defaults). Graph: InfSplign Demo Model -> CLIPTextEncode, InfSplign Layout Boxes ->
-InfSplign (KSampler) (workflow d's relation settings: gelu, alpha 2, margin 0.25,
-temperature 8, strength 30) -> KSampler (20 euler steps, cfg 5, 128 px) -> VAEDecode.
+InfSplign (KSampler) (workflow e's settings: workflow d's gelu, alpha 2, margin 0.25,
+strength 30, with the maps read at temperature 32) -> KSampler (20 euler steps, cfg 5,
+128 px) -> VAEDecode.
 `--relations` runs demo/evaluate.py's evaluation prompts and seeds twice: InfSplign's
 centroid loss (workflow d) and the same relations planned into boxes (Layout Boxes with
-no boxes and the relations connected, the node's defaults), VISOR and OA of both.
+no boxes and the relations connected, the node's defaults, workflow e's guidance settings),
+VISOR and OA of both.
 """
 from __future__ import annotations
 
@@ -34,8 +36,11 @@ import comfy_host  # noqa: E402
 RELATION_SETTINGS = {"strength": 30.0, "loss": "gelu", "alpha": 2.0, "margin": 0.25, "orthogonal": "auto",
                      "presence_weight": 1.0, "balance_weight": 1.0, "start_percent": 0.0, "end_percent": 0.5,
                      "threshold": False, "temperature": 8.0, "memory": "auto"}
+# Workflow e's InfSplign (KSampler) settings: workflow d's with the maps read at temperature 32.
+BOX_SETTINGS = {**RELATION_SETTINGS, "temperature": 32.0}
 OFF = {"injection": 0.0, "injection_end_percent": 0.0, "box_loss": "none", "box_weight": 0.0, "box_end_percent": 0.0}
-TUNING_GRID = {"injection": (0.0, 0.75, 1.5), "box_loss": ("ilgd", "maalign"), "box_weight": (0.0, 1.0, 4.0)}
+# The first grid of the tuning (demo_world/tuning_log.txt has it and the later, narrower ones).
+TUNING_GRID = {"injection": (0.0, 0.75, 2.0), "box_loss": ("ilgd", "maalign"), "box_weight": (1.0, 4.0, 16.0)}
 
 
 class BoxEvaluator:
@@ -88,7 +93,7 @@ class BoxEvaluator:
     def box_arm(self, prompts, seed: int, layout: dict | None, strength: float | None) -> dict:
         scores = []
         for p in prompts:
-            guidance = None if layout is None else {**RELATION_SETTINGS, "strength": strength}
+            guidance = None if layout is None else {**BOX_SETTINGS, "strength": strength}
             for img in self.images(self.graph(p.text, seed, layout, guidance, p.boxes_json)):
                 scores.append(self.boxes.score_image(p, img))
         return self.boxes.summary(scores)
@@ -113,9 +118,12 @@ def main() -> int:
     ap.add_argument("--grid", type=json.loads, default=TUNING_GRID)
     ap.add_argument("--layout", type=json.loads, default={}, help="layout settings over the node's defaults")
     ap.add_argument("--strength", type=float, default=RELATION_SETTINGS["strength"])
+    ap.add_argument("--guidance", type=json.loads, default={},
+                    help="InfSplign (KSampler) settings of the box arms over workflow e's, e.g. '{\"temperature\": 8}'")
     ap.add_argument("--relations", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "output" / "evaluate_boxes")
     a = ap.parse_args()
+    BOX_SETTINGS.update(a.guidance)
     a.out.mkdir(parents=True, exist_ok=True)
     ev = BoxEvaluator(a.out)
     t0 = time.monotonic()
@@ -137,11 +145,11 @@ def main() -> int:
         prompts = ev.evaluation.prompt_sets(52, 12)[0]
         seed = ev.evaluation.EVAL_NOISE_SEED
         results = {}
-        for name, layout in (("centroid loss (workflow d)", None), ("relations planned into boxes", defaults)):
+        for name, layout, settings in (("centroid loss (workflow d)", None, RELATION_SETTINGS),
+                                       ("relations planned into boxes (workflow e)", defaults, BOX_SETTINGS)):
             scores = []
             for p in prompts:
-                imgs = ev.images(ev.graph(p.text, seed, layout, {**RELATION_SETTINGS, "strength": a.strength},
-                                          parse=True))
+                imgs = ev.images(ev.graph(p.text, seed, layout, {**settings, "strength": a.strength}, parse=True))
                 scores.append(ev.evaluation.score_images(p, imgs))
             results[name] = ev.scorer.visor(scores)
             print(f"{name}: {results[name]} ({time.monotonic() - t0:.0f} s)", flush=True)

@@ -81,9 +81,11 @@ SCHEMA = {
 GUIDANCE_DEFAULTS = [1000.0, "sigmoid", 8.0, 0.0, "auto", 1.0, 1.0, 0.0, 0.25, False, 1.0, "auto"]
 PARSE_DEFAULTS = ["", "from text", ""]  # object_a, relation, object_b: read from the text
 # InfSplign Layout Boxes at its defaults (nodes/layout_node.DEFAULTS): injection .. box_end_percent.
-LAYOUT_DEFAULTS = [0.75, 0.3, "maalign", 1.0, 0.5]
+LAYOUT_DEFAULTS = [6.0, 0.3, "ilgd", 8.0, 0.5]
 # Workflow d's guidance settings for the demo model (its maps read at temperature 8).
 DEMO_GUIDANCE = [30.0, "gelu", 2.0, 0.25, "auto", 1.0, 1.0, 0.0, 0.5, False, 8.0, "auto"]
+# Workflow e's: the same with the maps read at temperature 32 (tuned with the layout defaults).
+LAYOUT_GUIDANCE = DEMO_GUIDANCE[:10] + [32.0, "auto"]
 
 
 class Workflow:
@@ -289,7 +291,7 @@ def demo_model_layout_boxes() -> dict:
     neg = w.node("CLIPTextEncode", (X[1], 220), (320, 90), [""], title="Negative")
     latent = w.node("EmptyLatentImage", (X[1], 360), (320, 110), [128, 128, 4])
     layout = w.node("InfSplignLayout", (X[2], 80), (360, 640), [text, boxes, *LAYOUT_DEFAULTS, 128, 128])
-    apply = w.node("InfSplignApply", (X[3] + 40, 80), (320, 310), list(DEMO_GUIDANCE))
+    apply = w.node("InfSplignApply", (X[3] + 40, 80), (320, 310), list(LAYOUT_GUIDANCE))
     sampler = w.node("KSampler", (X[3] + 40, 440), (320, 270), [7, "fixed", 20, 5.0, "euler", "normal", 1.0])
     decode = w.node("VAEDecode", (X[4] + 80, 80), (210, 50))
     save = w.node("SaveImage", (X[4] + 80, 180), (420, 420), ["infsplign_demo/layout_boxes"])

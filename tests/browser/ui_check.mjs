@@ -437,7 +437,7 @@ async function layoutCase(page) {
     const layout = make("InfSplignLayout", [380, 40], { text, boxes: JSON.stringify(start), width: 128, height: 128 });
     layout.setSize([420, Math.max(layout.size[1], 640)]);
     const apply = make("InfSplignApply", [840, 40], { strength: 30, loss: "gelu", alpha: 2, margin: 0.25,
-                                                       end_percent: 0.5, temperature: 8 });
+                                                       end_percent: 0.5, temperature: 32 });
     const latent = make("EmptyLatentImage", [840, 560], { width: 128, height: 128, batch_size: 1 });
     const sampler = make("KSampler", [1200, 40], { seed: 1003, steps: 20, cfg: 5, sampler_name: "euler",
                                                     scheduler: "normal" });

@@ -175,3 +175,34 @@ def test_bad_boxes_are_clear_errors(host, checkpoints, boxes, message):
     res = host.execute(boxed("ksampler", boxes=boxes))
     assert not res.success
     assert message in res.error(), res.error()
+
+
+def test_attention_preview_draws_each_box_on_its_objects_maps(host, checkpoints):
+    """The preview's map cells of a boxed run carry each object's box outline (white inside
+    black) on that object's row, at the box's place in the cell."""
+    import numpy as np
+
+    from test_robustness import loaded_pack
+    preview = loaded_pack("nodes.preview")
+    size = 64
+    g = boxed("ksampler", strength=30.0, injection=0.0)
+    g["preview"] = {"class_type": "InfSplignAttentionPreview", "inputs": {
+        "latent": ["sample", 0], "model": ["apply", 0], "steps": "auto", "size": size}}
+    session = host.Session()
+    res = session.execute(g)
+    assert res.success, res.error()
+    from comfy.patcher_extension import WrappersMP
+    (wrapper,) = session.output("apply").get_wrappers(WrappersMP.OUTER_SAMPLE, "infsplign.capture")
+    (run,) = wrapper.trace.runs
+    assert [slot for slot, _ in run.boxes] == [0, 1] and "in a box" in preview.relation_text(run)
+    maps = session.output("preview", 0)[0].numpy()
+    lay = preview.maps_layout(run, preview.choose_steps("auto", sorted(run.steps)), size)
+    boxes = json.loads(BOXES)
+    for k, box in enumerate(b["box"] for b in boxes):
+        x0, y0, x1, y1 = lay.cell(0, k, 0)
+        cell = maps[y0:y1, x0:x1]
+        cw, ch = cell.shape[1], cell.shape[0]
+        top = int(round(box[1] * (ch - 1)))
+        left, right = int(round(box[0] * (cw - 1))) + 3, int(round(box[2] * (cw - 1))) - 3
+        edge = cell[top, left:right]
+        assert (edge > 0.99).all(axis=-1).mean() > 0.9, (k, edge)  # the white line of the box's top edge
