@@ -1,0 +1,139 @@
+"""InfSplign Attention Preview, the loss plot: the loss per step and its spatial term, one
+line per image, the guidance window shaded. PIL only.
+"""
+from __future__ import annotations
+
+import math
+
+from PIL import Image, ImageDraw
+
+from ..guidance.trace import RunTrace
+from .preview_maps import IMAGE_COLOURS, WINDOW, _fit, _font, _text_width, relation_text
+
+def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    span = hi - lo
+    raw = span / max(count - 1, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step) * step
+    ticks, t = [], first
+    while t <= hi + step * 1e-6:
+        ticks.append(round(t, 10))
+        t += step
+    return ticks
+
+
+def _label(v: float) -> str:
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.2e}"
+
+
+def _panel(draw, box, run: RunTrace, values, title: str, fonts, show_x: bool):
+    """One plot: a line per image over the steps; guidance window shaded; filled markers on
+    guided steps, rings on observed ones."""
+    small, normal = fonts
+    x0, y0, x1, y1 = box
+    records = run.ordered()
+    n = max(run.total_steps, max((r.index for r in records), default=0) + 1)
+    finite = [v for vs in values for v in vs if math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    if hi - lo < 1e-12:
+        lo, hi = lo - max(abs(lo) * 0.1, 0.5), hi + max(abs(hi) * 0.1, 0.5)
+    pad = (hi - lo) * 0.08
+    lo, hi = lo - pad, hi + pad
+    px = lambda s: x0 + (s + 0.5) / n * (x1 - x0)  # noqa: E731
+    py = lambda v: y1 - (v - lo) / (hi - lo) * (y1 - y0)  # noqa: E731
+
+    # guidance window: shaded runs of in-window steps
+    idx = [r.index for r in records if r.in_window]
+    runs_ = []
+    for s in idx:
+        if runs_ and s == runs_[-1][1] + 1:
+            runs_[-1][1] = s
+        else:
+            runs_.append([s, s])
+    for a, b in runs_:
+        draw.rectangle((px(a - 0.5), y0, px(b + 0.5), y1), fill=WINDOW)
+    # grid and ticks
+    for t in _nice_ticks(lo, hi):
+        yy = py(t)
+        draw.line((x0, yy, x1, yy), fill=(225, 225, 225))
+        label = _label(t)
+        draw.text((x0 - 6 - _text_width(draw, label, small), yy - 7), label, font=small, fill=(60, 60, 60))
+    every = max(1, math.ceil(n / 12))
+    for s in range(0, n, every):
+        draw.line((px(s), y1, px(s), y1 + 4), fill=(60, 60, 60))
+        if show_x:
+            label = str(s)
+            draw.text((px(s) - _text_width(draw, label, small) / 2, y1 + 6), label, font=small, fill=(60, 60, 60))
+    draw.rectangle((x0, y0, x1, y1), outline=(90, 90, 90))
+    draw.text((x0, y0 - 20), title, font=normal, fill=(20, 20, 20))
+    # lines and markers
+    for b, series in enumerate(values):
+        colour = IMAGE_COLOURS[b % len(IMAGE_COLOURS)]
+        pts = [(px(r.index), py(v), r.applied) for r, v in zip(records, series) if math.isfinite(v)]
+        for (xa, ya, _), (xb, yb, _) in zip(pts, pts[1:]):
+            draw.line((xa, ya, xb, yb), fill=colour, width=2)
+        for x, y, applied in pts:
+            if applied:
+                draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=colour, outline=colour)
+            else:
+                draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=(255, 255, 255), outline=colour, width=2)
+
+
+def render_loss(run: RunTrace, size: int) -> Image.Image:
+    """Two panels over the steps: the loss the guidance differentiates, and its spatial
+    term alone (the relation part), one line per image."""
+    width = max(520, 5 * size)
+    panel_h = max(170, round(width * 0.3))
+    small, normal, big = _font(12), _font(14), _font(16)
+    left, right, top = 70, 20, 58
+    legend_h = 44
+    height = top + 2 * panel_h + 40 + 34 + legend_h
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    title = f"InfSplign loss per step: {relation_text(run)}"
+    draw.text((12, 8), _fit(draw, title, big, width - 24), font=big, fill=(20, 20, 20))
+    records = run.ordered()
+    images = records[0].loss.shape[0] if records else 0
+    s = run.settings
+    how = (f"loss {s.activation}, alpha {s.alpha:g}, margin {s.margin:g}, orthogonal {s.orthogonal}"
+           + (", thresholded maps" if s.threshold else "")
+           + (f", maps at temperature {s.temperature:g}" if s.temperature != 1 else ""))
+    how = (f"this run's guidance settings: {how}" if run.guided
+           else f"observed only (no guidance on this model), default settings: {how}")
+    draw.text((12, 30), _fit(draw, how, small, width - 24), font=small, fill=(110, 110, 110))
+    loss = [[float(r.loss[b]) for r in records] for b in range(images)]
+    spatial = [[float(r.spatial[b]) for r in records] for b in range(images)]
+    y0 = top + 20
+    _panel(draw, (left, y0, width - right, y0 + panel_h - 20), run, loss,
+           "loss (what the guidance lowers)", (small, normal), False)
+    y0 += panel_h + 20
+    _panel(draw, (left, y0, width - right, y0 + panel_h - 20), run, spatial,
+           "spatial term (lowest when the relation clearly holds)", (small, normal), True)
+    y = y0 + panel_h + 2
+    draw.text(((width + left) / 2 - 14, y), "step", font=normal, fill=(20, 20, 20))
+    # legend: images, then the markers and the window; wraps to a second line when needed
+    y += 26
+    entries = [("line", IMAGE_COLOURS[b % len(IMAGE_COLOURS)], f"image {b + 1}") for b in range(images)]
+    if run.batch > images:
+        entries.append(("text", None, f"(first {images} of {run.batch})"))
+    entries += [("disc", None, "guided")] if any(r.applied for r in records) else []
+    entries += [("ring", None, "observed")] if not all(r.applied for r in records) else []
+    if any(r.in_window for r in records):
+        entries.append(("box", None, "guidance window"))
+    x = left
+    for kind, colour, text in entries:
+        need = (0 if kind == "text" else 22) + _text_width(draw, text, small) + 14
+        if x + need > width - right and x > left:
+            x, y = left, y + 20
+        if kind == "line":
+            draw.line((x, y + 8, x + 18, y + 8), fill=colour, width=3)
+        elif kind == "disc":
+            draw.ellipse((x + 5, y + 4, x + 13, y + 12), fill=(60, 60, 60))
+        elif kind == "ring":
+            draw.ellipse((x + 5, y + 4, x + 13, y + 12), outline=(60, 60, 60), width=2)
+        elif kind == "box":
+            draw.rectangle((x, y + 2, x + 16, y + 14), fill=WINDOW, outline=(200, 170, 100))
+        draw.text((x + (0 if kind == "text" else 22), y), text, font=small, fill=(40, 40, 40))
+        x += need
+    return canvas
