@@ -292,10 +292,10 @@ def demo_model_layout_boxes() -> dict:
     latent = w.node("EmptyLatentImage", (X[1], 360), (320, 110), [128, 128, 4])
     layout = w.node("InfSplignLayout", (X[2], 80), (360, 640), [text, boxes, *LAYOUT_DEFAULTS, 128, 128])
     apply = w.node("InfSplignApply", (X[3] + 40, 80), (320, 310), list(LAYOUT_GUIDANCE))
-    sampler = w.node("KSampler", (X[3] + 40, 440), (320, 270), [7, "fixed", 20, 5.0, "euler", "normal", 1.0])
-    decode = w.node("VAEDecode", (X[4] + 80, 80), (210, 50))
-    save = w.node("SaveImage", (X[4] + 80, 180), (420, 420), ["infsplign_demo/layout_boxes"])
-    preview = w.node("InfSplignAttentionPreview", (X[4] + 80, 660), (900, 700), ["auto", 128],
+    sampler = w.node("KSampler", (1600, 80), (320, 270), [7, "fixed", 20, 5.0, "euler", "normal", 1.0])
+    decode = w.node("VAEDecode", (1980, 80), (210, 50))
+    save = w.node("SaveImage", (2240, 80), (420, 420), ["infsplign_demo/layout_boxes"])
+    preview = w.node("InfSplignAttentionPreview", (1980, 560), (900, 700), ["auto", 128],
                      title="Attention preview (boxes drawn)")
     for node in (pos, neg, layout):
         w.link(model, 1, node, "clip")

@@ -344,7 +344,7 @@ def test_example_workflow(path, server, host, provided, object_info, loaded_file
 
 
 def test_generated_workflows_are_committed_and_laid_out_left_to_right():
-    """a, b and c are written by host/make_example_workflows.py: the files are its output,
+    """a, b, c and e are written by host/make_example_workflows.py: the files are its output,
     and every link runs from a node's column to a column further right."""
     gen = _module("make_example_workflows", ROOT / "host" / "make_example_workflows.py")
     for name, build in gen.WORKFLOWS.items():
