@@ -90,10 +90,9 @@ class PeakMemory:
             self._thread.join()
 
 
-def full_sd15(dtype):
-    """The full-width SD1.5 UNet (860 M parameters), random weights, built under inference
-    mode as ComfyUI's loader does; conditioning tensors stand in for CLIP."""
-    cfg = comfy.supported_models.SD15({**models.TOPOLOGIES["sd1"].unet, "model_channels": 320, "context_dim": 768})
+def _random_unet(cfg, dtype) -> comfy.model_patcher.ModelPatcher:
+    """The UNet of a supported-model config with random weights, built under inference mode
+    as ComfyUI's loader does, in a ModelPatcher on the torch device."""
     cfg.set_inference_dtype(dtype, None)
     device = comfy.model_management.get_torch_device()
     with torch.inference_mode():
@@ -101,7 +100,14 @@ def full_sd15(dtype):
         for name, tensor in base.diffusion_model.state_dict().items():
             models._fill(name, tensor, 0)
         base = base.to(device)
-    patcher = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu"))
+    return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu"))
+
+
+def full_sd15(dtype):
+    """The full-width SD1.5 UNet (860 M parameters), random weights; conditioning tensors
+    stand in for CLIP."""
+    patcher = _random_unet(comfy.supported_models.SD15(
+        {**models.TOPOLOGIES["sd1"].unet, "model_channels": 320, "context_dim": 768}), dtype)
     g = torch.Generator().manual_seed(0)
     positive = [[torch.randn(1, 77, 768, generator=g), {}]]
     negative = [[torch.randn(1, 77, 768, generator=g), {}]]
@@ -109,18 +115,11 @@ def full_sd15(dtype):
 
 
 def full_sdxl(dtype):
-    """The full-width SDXL UNet (2.6 B parameters), random weights, built as full_sd15 is;
-    conditioning tensors (2048-d context, 2816-d adm) stand in for the two CLIPs."""
-    detected = {**models.TOPOLOGIES["sdxl"].unet, "model_channels": 320, "context_dim": 2048, "adm_in_channels": 2816}
-    cfg = comfy.supported_models.SDXL(detected)
-    cfg.set_inference_dtype(dtype, None)
-    device = comfy.model_management.get_torch_device()
-    with torch.inference_mode():
-        base = cfg.get_model({})
-        for name, tensor in base.diffusion_model.state_dict().items():
-            models._fill(name, tensor, 0)
-        base = base.to(device)
-    patcher = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu"))
+    """The full-width SDXL UNet (2.6 B parameters), random weights; conditioning tensors
+    (2048-d context, 2816-d adm) stand in for the two CLIPs."""
+    patcher = _random_unet(comfy.supported_models.SDXL(
+        {**models.TOPOLOGIES["sdxl"].unet, "model_channels": 320, "context_dim": 2048, "adm_in_channels": 2816}),
+        dtype)
     g = torch.Generator().manual_seed(0)
     cond = lambda: [[torch.randn(1, 77, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]]  # noqa: E731
     return patcher, cond(), cond()
