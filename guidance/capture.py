@@ -33,8 +33,8 @@ class Layer:
 
 
 def object_slots(relations: SpatialRelations) -> tuple[tuple[tuple[int, ...], ...], tuple[Pair, ...]]:
-    """Distinct token groups of all objects (the relations' first, then the boxes'), and the
-    relations as pairs of slot indices."""
+    """Distinct token groups of all objects (the relations' first, then the boxes', then the
+    listed objects'), and the relations as pairs of slot indices."""
     groups: list[tuple[int, ...]] = []
     pairs = []
     for item in relations.items:
@@ -44,7 +44,7 @@ def object_slots(relations: SpatialRelations) -> tuple[tuple[tuple[int, ...], ..
                 groups.append(tokens)
             slots.append(groups.index(tokens))
         pairs.append(Pair(slots[0], slots[1], item.relation.relation))
-    for bound in relations.boxes:
+    for bound in (*relations.boxes, *relations.objects):
         if bound.tokens not in groups:
             groups.append(bound.tokens)
     return tuple(groups), tuple(pairs)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .attention_stats import at_least_float32, object_stats
 from .boxes import box_layer_loss
+from .presence import presence_loss, separation_loss
 
 ACTIVATIONS = ("sigmoid", "relu", "leaky_relu", "gelu")
 ORTHOGONAL = {"none": 0, "l1": 1, "l2": 2}
@@ -125,32 +126,57 @@ def step_loss(layers: Sequence[tuple[str, Tensor]], pairs: Sequence[Pair], s: Lo
 
 @dataclass(frozen=True)
 class Objective:
-    """What one guided step's loss sums: the relations' terms (pairs of map slots) and the
-    boxes' terms (box i on map slot box_slots[i], weighted by box_weight)."""
+    """What one guided step's (or refinement iteration's) loss sums: the relations' terms
+    (pairs of map slots, times relation_weight), the boxes' terms (box i on map slot
+    box_slots[i], times box_weight), and the presence and separation terms of the objects
+    on map slots `objects` (guidance/presence.py, times their weights)."""
 
     pairs: tuple[Pair, ...] = ()
     box_slots: tuple[int, ...] = ()
     boxes: tuple = ()  # guidance.boxes.Box, one per slot in box_slots
     box_loss: str = "none"
     box_weight: float = 0.0
+    objects: tuple[int, ...] = ()
+    presence: float = 0.0
+    separation: float = 0.0
+    relation_weight: float = 1.0
 
     @property
     def has_boxes(self) -> bool:
         return bool(self.boxes) and self.box_loss != "none" and self.box_weight > 0
 
     @property
+    def has_relations(self) -> bool:
+        return bool(self.pairs) and self.relation_weight > 0
+
+    @property
+    def has_presence(self) -> bool:
+        return bool(self.objects) and self.presence > 0
+
+    @property
+    def has_separation(self) -> bool:
+        return len(self.objects) > 1 and self.separation > 0
+
+    @property
     def empty(self) -> bool:
-        return not self.pairs and not self.has_boxes
+        return not (self.has_relations or self.has_boxes or self.has_presence or self.has_separation)
 
 
 def objective_loss(layers: Sequence[tuple[str, Tensor]], objective: Objective, s: LossSettings) -> Tensor:
-    """Mean over layers of the relation terms plus box_weight times the box terms, summed
-    over the batch: a scalar (step_loss when there are no boxes)."""
+    """Mean over layers of the relation terms plus box_weight times the box terms (plus the
+    presence and separation terms), summed over the batch: a scalar (step_loss when there
+    is nothing but relations)."""
     if not layers:
         raise ValueError("no attention maps were captured for this step.")
     per_layer = []
     for level, maps in layers:
         total = layer_loss(maps, objective.pairs, level, s)
+        if objective.relation_weight != 1.0:
+            total = objective.relation_weight * total
+        if objective.has_presence:
+            total = total + objective.presence * presence_loss(maps, objective.objects)
+        if objective.has_separation:
+            total = total + objective.separation * separation_loss(maps, objective.objects)
         if objective.has_boxes:
             total = total + objective.box_weight * box_layer_loss(maps, objective.box_slots, objective.boxes,
                                                                    objective.box_loss)

@@ -242,6 +242,45 @@ class BoundRelation:
 
 
 @dataclass(frozen=True)
+class BoundObject:
+    """An object named in Spatial Relation Parse's `objects` list, with its token positions."""
+
+    object: str
+    tokens: tuple[int, ...]
+
+
+_MAX_OBJECTS = 16
+
+
+def split_objects(text: str) -> list[str]:
+    """'red circle, blue square and green triangle' -> the object phrases, in order.
+
+    Commas (or semicolons) separate phrases; a leading "a", "an", "the" or "and" and a
+    trailing "and" or "or" are dropped. RelationError for a list with an empty item, a repeated phrase, or more than
+    16 phrases."""
+    phrases = []
+    for part in re.split(r"[,;\n]", text):
+        words = part.split()
+        while words and words[0].lower() in ("a", "an", "the", "and", "one"):
+            words.pop(0)
+        while words and words[-1].lower() in ("and", "or"):
+            words.pop()
+        if not words:
+            raise RelationError(f'objects "{text.strip()}": an item is empty. Write object phrases of the '
+                                'prompt separated by commas, e.g. "red circle, blue square, green triangle".')
+        phrases.append(" ".join(words))
+    if len(phrases) > _MAX_OBJECTS:
+        raise RelationError(f"objects lists {len(phrases)} phrases; at most {_MAX_OBJECTS} are read. "
+                            "Keep the objects that matter.")
+    seen = set()
+    for phrase in phrases:
+        if phrase.lower() in seen:
+            raise RelationError(f'objects names "{phrase}" twice; name each object once.')
+        seen.add(phrase.lower())
+    return phrases
+
+
+@dataclass(frozen=True)
 class SpatialRelations:
     """What Spatial Relation Parse (and InfSplign Layout Boxes) hands to the capture and
     guidance nodes: relations, and optionally boxes with their settings."""
@@ -252,6 +291,7 @@ class SpatialRelations:
     sequence_length: int  # tokens in the encoded prompt
     boxes: tuple[BoundBox, ...] = ()
     layout: LayoutSettings = LayoutSettings()
+    objects: tuple[BoundObject, ...] = ()  # Spatial Relation Parse's `objects` list
 
     def summary(self) -> str:
         lines = []
@@ -267,5 +307,7 @@ class SpatialRelations:
             s = self.layout
             lines.append(f"injection {s.injection:g} until {s.injection_end_percent:g}, box loss {s.box_loss} "
                          f"weight {s.box_weight:g} until {s.box_end_percent:g}")
+        if self.objects:
+            lines.append("objects: " + ", ".join(f'"{o.object}" {list(o.tokens)}' for o in self.objects))
         lines.append(f"encoder {self.encoder}, {self.sequence_length} tokens")
         return "\n".join(lines)

@@ -115,7 +115,8 @@ def _report(layers, objective: Objective, settings: GuidanceSettings, sigma: Ten
         spatial = step_loss(detached, objective.pairs, spatial_only)
         box = float("nan")
         if objective.has_boxes:
-            box = float(objective_loss(detached, replace(objective, pairs=()), settings.loss))
+            box = float(objective_loss(detached, replace(objective, pairs=(), presence=0.0, separation=0.0),
+                                       settings.loss))
     return StepReport(float(sigma.max()), float(loss.detach()), float(spatial), box,
                       maps_dtype=str(layers[0][1].dtype).removeprefix("torch."), batch=layers[0][1].shape[0])
 

@@ -42,6 +42,8 @@ def object_names(relations: SpatialRelations) -> tuple[str, ...]:
         names.setdefault(item.tokens_b, item.relation.object_b)
     for bound in relations.boxes:
         names.setdefault(bound.tokens, bound.box.object)
+    for bound in relations.objects:
+        names.setdefault(bound.tokens, bound.object)
     return tuple(names[g] for g in groups)
 
 
@@ -114,6 +116,7 @@ class RunTrace:
     fingerprint: str = ""
     failed: str = ""  # why recording stopped, if it did
     boxes: tuple[tuple[int, tuple[float, float, float, float]], ...] = ()  # (map slot, x0, y0, x1, y1)
+    refinement: object = None  # guidance.refine.RefineReport of InfSplign Refine's step, if it ran
 
     @property
     def total_steps(self) -> int:

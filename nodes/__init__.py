@@ -3,6 +3,7 @@ from .demo_model import DemoModelLoader
 from .guidance_nodes import Apply, AttentionCapture, Guider
 from .layout_node import LayoutBoxes
 from .preview import AttentionPreview
+from .refine_node import Refine
 from .relation_parse import RelationParse
 
 NODE_CLASS_MAPPINGS = {
@@ -13,6 +14,7 @@ NODE_CLASS_MAPPINGS = {
     "InfSplignDemoModelLoader": DemoModelLoader,
     "InfSplignAttentionPreview": AttentionPreview,
     "InfSplignLayout": LayoutBoxes,
+    "InfSplignRefine": Refine,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "InfSplignRelationParse": "Spatial Relation Parse",
@@ -22,4 +24,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "InfSplignDemoModelLoader": "InfSplign Demo Model",
     "InfSplignAttentionPreview": "InfSplign Attention Preview",
     "InfSplignLayout": "InfSplign Layout Boxes",
+    "InfSplignRefine": "InfSplign Refine (GSN)",
 }

@@ -54,6 +54,7 @@ GUIDANCE_KEY = "infsplign.guidance"
 SPLIT_KEY = "infsplign.split"
 OBSERVE_KEY = "infsplign.observe"
 MEMORY_KEY = "infsplign.memory"
+REFINE_KEY = "infsplign.refine"  # SAMPLER_SAMPLE of InfSplign Refine (nodes/refine_hooks.py)
 RUN_KEY = "infsplign_run"
 TRACE_KEY = "infsplign_trace"
 PLAN_KEY = "infsplign_memory"
@@ -129,11 +130,15 @@ def capture_wrapper(relations: SpatialRelations, layers: tuple[Layer, ...]):
     def outer_sample(executor, *args, **kwargs):
         guider = executor.class_obj
         # CFGGuider.sample made guider.model_options a per-run copy of nested dicts.
-        settings = _settings(guider.model_options)
-        # the maps are read at the guidance's temperature, so the trace shows what the loss saw
-        store = CaptureStore(relations, layers, temperature=settings.loss.temperature if settings else 1.0)
+        settings, refine = _settings(guider.model_options), refine_settings(guider.model_options)
+        # the maps are read at the guidance's temperature (else the refinement's), so the trace
+        # shows what the loss saw
+        temperature = settings.loss.temperature if settings else refine.temperature if refine else 1.0
+        store = CaptureStore(relations, layers, temperature=temperature)
         run = trace.start(settings.loss if settings is not None else LossSettings(), guided=settings is not None)
-        _install_capture(guider.model_options, store, run, observe=settings is None)
+        # capture only records each step itself; InfSplign Refine's `continuous` records its own
+        _install_capture(guider.model_options, store, run,
+                         observe=settings is None and not (refine is not None and refine.continuous))
         try:
             output = executor(*args, **kwargs)
         finally:
@@ -150,67 +155,85 @@ def capture_wrapper(relations: SpatialRelations, layers: tuple[Layer, ...]):
     return outer_sample
 
 
+def run_store(model_options: dict, relations: SpatialRelations) -> CaptureStore:
+    """The run's CaptureStore, checked to capture these relations."""
+    store = model_options.get("transformer_options", {}).get(RUN_KEY)
+    if store is None:
+        raise RuntimeError("InfSplign: no attention capture on this model run; apply "
+                           "InfSplign (KSampler) or InfSplign Guider to the model that samples.")
+    if store.relations != relations:
+        raise ValueError("InfSplign got other relations than the Attention Capture Patch on this "
+                         "model. Connect the same Spatial Relation Parse output to both.")
+    return store
+
+
 def guidance_wrapper(relations: SpatialRelations, settings: GuidanceSettings):
     def predict_noise(executor, x, timestep, model_options={}, seed=None):
-        store = model_options.get("transformer_options", {}).get(RUN_KEY)
-        if store is None:
-            raise RuntimeError("InfSplign: no attention capture on this model run; apply "
-                               "InfSplign (KSampler) or InfSplign Guider to the model that samples.")
-        if store.relations != relations:
-            raise ValueError("InfSplign got other relations than the Attention Capture Patch on this "
-                             "model. Connect the same Spatial Relation Parse output to both.")
-        guider = executor.class_obj
-        run = model_options["transformer_options"].get(TRACE_KEY)
-        sampling = guider.model_patcher.get_model_object("model_sampling")
+        store = run_store(model_options, relations)
+        sampling = executor.class_obj.model_patcher.get_model_object("model_sampling")
         sigma = float(timestep.max())
-        step_terms.set_injection(store, sampling, sigma)
         objective = step_terms.step_objective(store, settings, sampling, sigma)
-        if objective.empty:
-            denoised = observed(lambda: executor(x, timestep, model_options, seed), x, store)
-            trace_step(run, store, timestep, model_options, False, False)
-            return denoised
-        plan = memory_plan(model_options, guider.model_patcher, x.shape) if settings.strength > 0 else None
-        options = model_options["transformer_options"]
-        store.step_active, store.latent_hw, cropped = True, tuple(x.shape[2:]), store.cropped_calls
-
-        def guided(mode: str):
-            with memory_modes.guided_forward(guider.inner_model, store, mode, options):
-                # On a guided step the sampler's sigma, an inference tensor, is given as a normal
-                # copy: post-CFG and cfg functions (RescaleCFG) compute with it and the latent.
-                return guided_step(
-                    lambda xx: executor(xx, timestep.clone() if xx.requires_grad else timestep, model_options, seed),
-                    x, timestep, store, settings, objective)
-
-        def unguided(reason: str):
-            denoised = observed(lambda: executor(x, timestep, model_options, seed), x, store)
-            return denoised, StepReport(sigma, float("nan"), float("nan"), skipped=reason)
-        try:
-            if plan is None:  # strength 0 only observes: no autograd, no extra memory
-                denoised, report = guided_step(lambda xx: executor(xx, timestep, model_options, seed),
-                                               x, timestep, store, settings, objective)
-            else:
-                denoised, report = memory_modes.step_with_fallback(plan, plan.step_mode(), guided, unguided,
-                                                                   _size(x))
-        finally:
-            store.step_active = False
-        trace_step(run, store, timestep, model_options, True, report.applied)
-        if store.cropped_calls > cropped and not store.warned_crop:
-            store.warned_crop = True
-            log.warning("InfSplign: a positive conditioning covers only part of the latent (ConditioningSetArea, "
-                        "or ConditioningSetMask with mask bounds); its attention maps show the crop, not the "
-                        "image, so it is not guided. InfSplign guides the conditionings over the whole image%s.",
-                        "" if report.skipped != NO_MAPS else "; there are none here, so this run is unguided")
-        if report.skipped:  # (running out of memory has its own warning, once per run)
-            log.log(logging.INFO if report.memory_mode == "unguided" else logging.WARNING,
-                    "InfSplign skipped guidance at sigma %.4f: %s; this step runs unguided.",
-                    sigma, report.skipped, extra={"infsplign": report})
-        else:
-            log.info("InfSplign %s step at sigma %.4f: loss %.5f, |grad| %.4g",
-                     "guided" if report.applied else "observed", sigma, report.loss,
-                     report.grad_norm, extra={"infsplign": report})
-        return denoised
+        step_settings = settings
+        refine = refine_settings(model_options)
+        if refine is not None and refine.continuous:  # InfSplign Refine's per-step terms join this step
+            objective, step_settings = step_terms.with_continuous(objective, settings, store, refine, sampling, sigma)
+        return guided_prediction(executor, x, timestep, model_options, seed, store, step_settings, objective)
     predict_noise.settings = settings  # read by the capture wrapper: the loss its trace shows
     return predict_noise
+
+
+def guided_prediction(executor, x, timestep, model_options, seed, store: CaptureStore,
+                      settings: GuidanceSettings, objective) -> torch.Tensor:
+    """PREDICT_NOISE of a step with these terms: guided (guidance.step.guided_step, in the
+    run's memory mode) when the objective has terms, observed when it has none."""
+    guider = executor.class_obj
+    run = model_options["transformer_options"].get(TRACE_KEY)
+    sampling = guider.model_patcher.get_model_object("model_sampling")
+    sigma = float(timestep.max())
+    step_terms.set_injection(store, sampling, sigma)
+    if objective.empty:
+        denoised = observed(lambda: executor(x, timestep, model_options, seed), x, store)
+        trace_step(run, store, timestep, model_options, False, False)
+        return denoised
+    plan = memory_plan(model_options, guider.model_patcher, x.shape) if settings.strength > 0 else None
+    options = model_options["transformer_options"]
+    store.step_active, store.latent_hw, cropped = True, tuple(x.shape[2:]), store.cropped_calls
+
+    def guided(mode: str):
+        with memory_modes.guided_forward(guider.inner_model, store, mode, options):
+            # On a guided step the sampler's sigma, an inference tensor, is given as a normal
+            # copy: post-CFG and cfg functions (RescaleCFG) compute with it and the latent.
+            return guided_step(
+                lambda xx: executor(xx, timestep.clone() if xx.requires_grad else timestep, model_options, seed),
+                x, timestep, store, settings, objective)
+
+    def unguided(reason: str):
+        denoised = observed(lambda: executor(x, timestep, model_options, seed), x, store)
+        return denoised, StepReport(sigma, float("nan"), float("nan"), skipped=reason)
+    try:
+        if plan is None:  # strength 0 only observes: no autograd, no extra memory
+            denoised, report = guided_step(lambda xx: executor(xx, timestep, model_options, seed),
+                                           x, timestep, store, settings, objective)
+        else:
+            denoised, report = memory_modes.step_with_fallback(plan, plan.step_mode(), guided, unguided, _size(x))
+    finally:
+        store.step_active = False
+    trace_step(run, store, timestep, model_options, True, report.applied)
+    if store.cropped_calls > cropped and not store.warned_crop:
+        store.warned_crop = True
+        log.warning("InfSplign: a positive conditioning covers only part of the latent (ConditioningSetArea, "
+                    "or ConditioningSetMask with mask bounds); its attention maps show the crop, not the "
+                    "image, so it is not guided. InfSplign guides the conditionings over the whole image%s.",
+                    "" if report.skipped != NO_MAPS else "; there are none here, so this run is unguided")
+    if report.skipped:  # (running out of memory has its own warning, once per run)
+        log.log(logging.INFO if report.memory_mode == "unguided" else logging.WARNING,
+                "InfSplign skipped guidance at sigma %.4f: %s; this step runs unguided.",
+                sigma, report.skipped, extra={"infsplign": report})
+    else:
+        log.info("InfSplign %s step at sigma %.4f: loss %.5f, |grad| %.4g",
+                 "guided" if report.applied else "observed", sigma, report.loss,
+                 report.grad_norm, extra={"infsplign": report})
+    return denoised
 
 
 def _settings(model_options: dict) -> GuidanceSettings | None:
@@ -218,15 +241,28 @@ def _settings(model_options: dict) -> GuidanceSettings | None:
     return getattr(guidance[0], "settings", None) if guidance else None
 
 
+def refine_settings(model_options: dict):
+    """InfSplign Refine's RefineSettings on this model (None without it)."""
+    refine = get_wrappers_with_key(WrappersMP.SAMPLER_SAMPLE, REFINE_KEY, model_options, is_model_options=True)
+    return getattr(refine[0], "settings", None) if refine else None
+
+
 def memory_plan(model_options: dict, model, noise_shape):
     """The run's MemoryPlan (counted once per run, at PREPARE_SAMPLING or the first guided
-    step); None when the run is not guided (no guidance, strength 0)."""
+    step or refinement); None when nothing in the run takes a gradient (no guidance or
+    strength 0, and no refinement). The memory mode is the guidance's, else the refinement's."""
     options = model_options.setdefault("transformer_options", {})
-    store, settings = options.get(RUN_KEY), _settings(model_options)
-    if store is None or settings is None or settings.strength == 0:
+    store, settings, refine = options.get(RUN_KEY), _settings(model_options), refine_settings(model_options)
+    if settings is not None and settings.strength > 0:
+        mode = settings.memory
+    elif refine is not None and refine.takes_gradient:
+        mode = refine.memory
+    else:
+        return None
+    if store is None:
         return None
     if options.get(PLAN_KEY) is None:
-        options[PLAN_KEY] = memory_modes.plan_run(model, store, settings.memory, noise_shape)
+        options[PLAN_KEY] = memory_modes.plan_run(model, store, mode, noise_shape)
     return options[PLAN_KEY]
 
 

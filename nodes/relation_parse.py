@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..guidance.relations import (RELATIONS, BoundRelation, Relation, RelationError,
-                                  SpatialRelations, canonical_relation, parse_relations)
+from ..guidance.relations import (RELATIONS, BoundObject, BoundRelation, Relation, RelationError,
+                                  SpatialRelations, canonical_relation, parse_relations, split_objects)
 from . import tokens
 
 FROM_TEXT = "from text"
@@ -33,14 +33,29 @@ def _overridden(text: str, object_a: str, relation: str, object_b: str) -> list[
     return [first, *found[1:]]
 
 
-def bind(clip, text: str, relations: list[Relation]) -> SpatialRelations:
-    """Attach token positions (from this CLIP's tokenizers) to parsed relations."""
+def bind(clip, text: str, relations: list[Relation], objects: list[str] = ()) -> SpatialRelations:
+    """Attach token positions (from this CLIP's tokenizers) to parsed relations and objects."""
     bound = tuple(
         BoundRelation(r,
                       tokens.locate(clip, text, r.object_a, r.occurrence_a, "object_a"),
                       tokens.locate(clip, text, r.object_b, r.occurrence_b, "object_b"))
         for r in relations)
-    return SpatialRelations(bound, text, tokens.encoder_family(clip), tokens.sequence_length(clip, text))
+    listed = tuple(BoundObject(o, tokens.locate(clip, text, o, 0, f"objects item {i}"))
+                   for i, o in enumerate(objects, 1))
+    if len({o.tokens for o in listed}) < len(listed):
+        raise RelationError("Two items of objects name the same words of the prompt; name each object once.")
+    return SpatialRelations(bound, text, tokens.encoder_family(clip), tokens.sequence_length(clip, text),
+                            objects=listed)
+
+
+def _relations_of(text: str, objects: list[str], object_a: str, relation: str, object_b: str) -> list[Relation]:
+    """The prompt's relations; with an objects list, a prompt without any is accepted."""
+    try:
+        return _overridden(text, object_a, relation, object_b)
+    except RelationError:
+        if objects and not (object_a.strip() or object_b.strip() or relation != FROM_TEXT):
+            return []
+        raise
 
 
 class RelationParse:
@@ -64,10 +79,15 @@ class RelationParse:
                 "object_a": ("STRING", {"default": "", "tooltip": "Override the first relation's A (words of the prompt)."}),
                 "relation": ([FROM_TEXT, *RELATIONS], {"default": FROM_TEXT, "tooltip": "Override the first relation's R."}),
                 "object_b": ("STRING", {"default": "", "tooltip": "Override the first relation's B (words of the prompt)."}),
+                "objects": ("STRING", {"default": "", "tooltip":
+                            'Object phrases of the prompt, separated by commas ("red circle, blue square, green '
+                            'triangle"): the objects InfSplign Refine keeps present and apart. With a list, a '
+                            "prompt without a relation phrase is accepted."}),
             },
         }
 
-    def parse(self, clip, text, object_a="", relation=FROM_TEXT, object_b=""):
-        relations = bind(clip, text, _overridden(text, object_a, relation, object_b))
+    def parse(self, clip, text, object_a="", relation=FROM_TEXT, object_b="", objects=""):
+        listed = split_objects(objects) if objects.strip() else []
+        relations = bind(clip, text, _relations_of(text, listed, object_a, relation, object_b), listed)
         summary = relations.summary()
         return {"ui": {"text": [summary]}, "result": (relations, summary)}

@@ -5,12 +5,18 @@ Each term acts on the part of the schedule it was given, as ComfyUI's percents
 - the relation terms (InfSplign's centroid loss) inside [start_percent, end_percent);
 - the box terms (InfSplign Layout Boxes' box_loss, box_weight) inside [0, box_end_percent);
 - iLGD's attention injection (`injection`) inside [0, injection_end_percent), on every
-  step there, guided or not (it changes the forward, not the gradient).
+  step there, guided or not (it changes the forward, not the gradient);
+- InfSplign Refine's terms (presence, separation, its spatial weight on the relations): in
+  its refinement burst, and with `continuous` on every step inside
+  [0, continuous_end_percent) at strength continuous_strength.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..guidance.capture import CaptureStore, box_slots
 from ..guidance.losses import Objective
+from ..guidance.refine import RefineSettings
 from ..guidance.step import GuidanceSettings, in_window
 
 
@@ -36,3 +42,31 @@ def set_injection(store: CaptureStore, sampling, sigma: float) -> None:
     layout = store.relations.layout
     store.injecting = bool(store.relations.boxes) and layout.injection > 0 and _within(
         sampling, sigma, 0.0, layout.injection_end_percent)
+
+
+def refine_objective(store: CaptureStore, refine: RefineSettings) -> Objective:
+    """InfSplign Refine's loss: every object slot's presence and separation, and the
+    relations' terms times `spatial`."""
+    return Objective(store.pairs, objects=tuple(range(len(store.groups))), presence=refine.presence,
+                     separation=refine.separation, relation_weight=refine.spatial)
+
+
+def continuous_step(store: CaptureStore, refine: RefineSettings, sampling, sigma: float) -> bool:
+    return refine.continuous and refine.continuous_strength > 0 and refine.has_terms and _within(
+        sampling, sigma, 0.0, refine.continuous_end_percent)
+
+
+def with_continuous(objective: Objective, settings: GuidanceSettings, store: CaptureStore, refine: RefineSettings,
+                    sampling, sigma: float) -> tuple[Objective, GuidanceSettings]:
+    """The step's guidance objective joined by InfSplign Refine's per-step terms, as one loss
+    at strength 1: strength * (guidance terms) + continuous_strength * (refine terms). The
+    gradient is linear in the terms, so this is exactly the sum of both guided steps' shifts,
+    with one forward and one backward. Unchanged outside the continuous window."""
+    if not continuous_step(store, refine, sampling, sigma):
+        return objective, settings
+    s, c = settings.strength, refine.continuous_strength
+    relation = (s * objective.relation_weight if objective.pairs else 0.0) + c * refine.spatial
+    joined = Objective(store.pairs, objective.box_slots, objective.boxes, objective.box_loss,
+                       s * objective.box_weight, objects=tuple(range(len(store.groups))),
+                       presence=c * refine.presence, separation=c * refine.separation, relation_weight=relation)
+    return joined, replace(settings, strength=1.0)
