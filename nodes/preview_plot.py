@@ -1,5 +1,6 @@
 """InfSplign Attention Preview, the loss plot: the loss per step and its spatial term, one
-line per image, the guidance window shaded. PIL only.
+line per image, the guidance window shaded; below them, when InfSplign Refine ran, its
+refinement step's loss per iteration. PIL only.
 """
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from PIL import Image, ImageDraw
 
 from ..guidance.trace import RunTrace
 from .preview_maps import IMAGE_COLOURS, WINDOW, _fit, _font, _text_width, relation_text
+
+REFINE_COLOUR = (230, 120, 20)
+
 
 def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     span = hi - lo
@@ -66,6 +70,10 @@ def _panel(draw, box, run: RunTrace, values, title: str, fonts, show_x: bool):
             label = str(s)
             draw.text((px(s) - _text_width(draw, label, small) / 2, y1 + 6), label, font=small, fill=(60, 60, 60))
     draw.rectangle((x0, y0, x1, y1), outline=(90, 90, 90))
+    if run.refinement is not None:  # InfSplign Refine's step: a dashed line
+        xr = px(run.refinement.step)
+        for yy in range(int(y0), int(y1), 8):
+            draw.line((xr, yy, xr, min(yy + 4, y1)), fill=REFINE_COLOUR, width=2)
     draw.text((x0, y0 - 20), title, font=normal, fill=(20, 20, 20))
     # lines and markers
     for b, series in enumerate(values):
@@ -82,7 +90,57 @@ def _panel(draw, box, run: RunTrace, values, title: str, fonts, show_x: bool):
 
 def render_loss(run: RunTrace, size: int) -> Image.Image:
     """Two panels over the steps: the loss the guidance differentiates, and its spatial
-    term alone (the relation part), one line per image."""
+    term alone (the relation part), one line per image; InfSplign Refine's step below."""
+    steps = _render_steps(run, size)
+    if run.refinement is None or not run.refinement.losses:
+        return steps
+    refine = render_refinement(run.refinement, steps.width)
+    canvas = Image.new("RGB", (steps.width, steps.height + refine.height), (255, 255, 255))
+    canvas.paste(steps, (0, 0))
+    canvas.paste(refine, (0, steps.height))
+    return canvas
+
+
+def render_refinement(report, width: int) -> Image.Image:
+    """InfSplign Refine's burst: the loss (summed over the batch) before each Adam iteration,
+    and at the refined latent."""
+    small, normal = _font(12), _font(14)
+    left, right, top, height = 70, 20, 44, max(170, round(width * 0.3))
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    values = list(report.losses) + ([report.final] if math.isfinite(report.final) else [])
+    title = (f"InfSplign Refine at step {report.step} (sigma {report.sigma:.3g}): loss per iteration, "
+             f"{values[0]:.4g} -> {values[-1]:.4g}" + (f" (stopped: {report.skipped})" if report.skipped else ""))
+    draw.text((12, 8), _fit(draw, title, normal, width - 24), font=normal, fill=(20, 20, 20))
+    x0, y0, x1, y1 = left, top, width - right, height - 34
+    lo, hi = min(values), max(values)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    pad = (hi - lo) * 0.08
+    lo, hi = lo - pad, hi + pad
+    n = max(len(values) - 1, 1)
+    px = lambda i: x0 + i / n * (x1 - x0)  # noqa: E731
+    py = lambda v: y1 - (v - lo) / (hi - lo) * (y1 - y0)  # noqa: E731
+    for t in _nice_ticks(lo, hi):
+        draw.line((x0, py(t), x1, py(t)), fill=(225, 225, 225))
+        label = _label(t)
+        draw.text((x0 - 6 - _text_width(draw, label, small), py(t) - 7), label, font=small, fill=(60, 60, 60))
+    for t in _nice_ticks(0, n):
+        if float(t).is_integer():
+            draw.line((px(t), y1, px(t), y1 + 4), fill=(60, 60, 60))
+            label = str(int(t))
+            draw.text((px(t) - _text_width(draw, label, small) / 2, y1 + 6), label, font=small, fill=(60, 60, 60))
+    draw.rectangle((x0, y0, x1, y1), outline=(90, 90, 90))
+    points = [(px(i), py(v)) for i, v in enumerate(values)]
+    if len(points) > 1:
+        draw.line(points, fill=IMAGE_COLOURS[0], width=2)
+    for x, y in points[:: max(1, len(points) // 25)]:
+        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=IMAGE_COLOURS[0])
+    draw.text(((x0 + x1) / 2 - 24, y1 + 18), "iteration", font=small, fill=(20, 20, 20))
+    return canvas
+
+
+def _render_steps(run: RunTrace, size: int) -> Image.Image:
     width = max(520, 5 * size)
     panel_h = max(170, round(width * 0.3))
     small, normal, big = _font(12), _font(14), _font(16)
@@ -121,6 +179,8 @@ def render_loss(run: RunTrace, size: int) -> Image.Image:
     entries += [("ring", None, "observed")] if not all(r.applied for r in records) else []
     if any(r.in_window for r in records):
         entries.append(("box", None, "guidance window"))
+    if run.refinement is not None:
+        entries.append(("dash", None, "refined step"))
     x = left
     for kind, colour, text in entries:
         need = (0 if kind == "text" else 22) + _text_width(draw, text, small) + 14
@@ -132,6 +192,8 @@ def render_loss(run: RunTrace, size: int) -> Image.Image:
             draw.ellipse((x + 5, y + 4, x + 13, y + 12), fill=(60, 60, 60))
         elif kind == "ring":
             draw.ellipse((x + 5, y + 4, x + 13, y + 12), outline=(60, 60, 60), width=2)
+        elif kind == "dash":
+            draw.line((x + 8, y + 1, x + 8, y + 15), fill=REFINE_COLOUR, width=2)
         elif kind == "box":
             draw.rectangle((x, y + 2, x + 16, y + 14), fill=WINDOW, outline=(200, 170, 100))
         draw.text((x + (0 if kind == "text" else 22), y), text, font=small, fill=(40, 40, 40))

@@ -172,3 +172,27 @@ def test_no_objects_is_a_clear_error(host, checkpoints):
     g = refined("ksampler", text="a cat and a dog")
     res = host.Session().execute(g)
     assert not res.success and "No spatial relation" in res.error()
+
+
+def test_preview_shows_the_refinement_step(host, checkpoints):
+    """Attention Preview on the refined MODEL: the loss plot grows a panel with the loss per
+    iteration (a line in the first image colour) and marks the refined step (dashed)."""
+    from testkit.pack import module
+    plot_module = module("nodes.preview_plot")
+    g = refined("ksampler", iterations=6)
+    g["preview"] = {"class_type": "InfSplignAttentionPreview", "inputs": {
+        "latent": ["sample", 0], "steps": "auto", "size": 64, "model": ["refine", 0]}}
+    session = host.Session()
+    res = session.execute(g)
+    assert res.success, res.error()
+    maps, plot = session.cached("preview").outputs[0][0], session.cached("preview").outputs[1][0]
+    run = trace_of(session, "refine")
+    steps_only = plot_module._render_steps(run, 64)
+    assert plot.shape[1] > steps_only.height  # the refinement panel is below the step panels
+    panel = (plot[0, steps_only.height:] * 255).round().to(torch.uint8).reshape(-1, 3)
+    line = torch.tensor(plot_module.IMAGE_COLOURS[0], dtype=torch.uint8)
+    assert int((panel == line).all(dim=1).sum()) > 50
+    top = (plot[0, :steps_only.height] * 255).round().to(torch.uint8).reshape(-1, 3)
+    dash = torch.tensor(plot_module.REFINE_COLOUR, dtype=torch.uint8)
+    assert int((top == dash).all(dim=1).sum()) > 20
+    assert torch.isfinite(maps).all()
