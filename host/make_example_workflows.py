@@ -29,7 +29,8 @@ SCHEMA = {
     "PrimitiveStringMultiline": ([], [("value", "STRING")], [("STRING", "STRING")]),
     "CLIPTextEncode": ([("clip", "CLIP", False)], [("text", "STRING")], [("CONDITIONING", "CONDITIONING")]),
     "InfSplignRelationParse": ([("clip", "CLIP", False)],
-                               [("text", "STRING"), ("object_a", "STRING"), ("relation", "COMBO"), ("object_b", "STRING")],
+                               [("text", "STRING"), ("object_a", "STRING"), ("relation", "COMBO"), ("object_b", "STRING"),
+                                ("objects", "STRING")],
                                [("relations", "SPATIAL_RELATIONS"), ("summary", "STRING")]),
     "InfSplignApply": ([("model", "MODEL", False), ("relations", "SPATIAL_RELATIONS", False)],
                        [(n, "FLOAT") for n in ("strength",)] + [("loss", "COMBO")]
@@ -73,15 +74,23 @@ SCHEMA = {
                          ("injection_end_percent", "FLOAT"), ("box_loss", "COMBO"), ("box_weight", "FLOAT"),
                          ("box_end_percent", "FLOAT"), ("width", "INT"), ("height", "INT")],
                         [("relations", "SPATIAL_RELATIONS"), ("summary", "STRING")]),
+    "InfSplignRefine": ([("model", "MODEL", False), ("relations", "SPATIAL_RELATIONS", False)],
+                        [(n, "FLOAT") for n in ("presence", "separation", "spatial", "refine_percent")]
+                        + [("iterations", "INT"), ("learning_rate", "FLOAT"), ("continuous", "BOOLEAN"),
+                           ("continuous_strength", "FLOAT"), ("continuous_end_percent", "FLOAT"),
+                           ("temperature", "FLOAT"), ("memory", "COMBO")],
+                        [("MODEL", "MODEL")]),
     "InfSplignAttentionPreview": ([("latent", "LATENT", False), ("model", "MODEL", True), ("guider", "GUIDER", True)],
                                   [("steps", "STRING"), ("size", "INT")], [("maps", "IMAGE"), ("loss_plot", "IMAGE")]),
 }
 
 # The pack's guidance settings at their INPUT_TYPES defaults (nodes/guidance_nodes.py).
 GUIDANCE_DEFAULTS = [1000.0, "sigmoid", 8.0, 0.0, "auto", 1.0, 1.0, 0.0, 0.25, False, 1.0, "auto"]
-PARSE_DEFAULTS = ["", "from text", ""]  # object_a, relation, object_b: read from the text
+PARSE_DEFAULTS = ["", "from text", "", ""]  # object_a, relation, object_b: read from the text; no objects list
 # InfSplign Layout Boxes at its defaults (nodes/layout_node.DEFAULTS): injection .. box_end_percent.
 LAYOUT_DEFAULTS = [6.0, 0.3, "ilgd", 8.0, 0.5]
+# InfSplign Refine at its defaults (nodes/refine_node.DEFAULTS, then its optional inputs' defaults).
+REFINE_DEFAULTS = [1.0, 0.5, 0.0, 0.3, 50, 0.01, False, 30.0, 0.5, 1.0, "auto"]
 # Workflow d's guidance settings for the demo model (its maps read at temperature 8).
 DEMO_GUIDANCE = [30.0, "gelu", 2.0, 0.25, "auto", 1.0, 1.0, 0.0, 0.5, False, 8.0, "auto"]
 # Workflow e's: the same with the maps read at temperature 32 (tuned with the layout defaults).
@@ -315,11 +324,60 @@ def demo_model_layout_boxes() -> dict:
     return w.to_json()
 
 
+def demo_model_refine() -> dict:
+    w = Workflow("InfSplign Refine (GSN) on the bundled demo model: three objects, unrefined vs refined. "
+                 "Runs offline.")
+    text = "a green circle, a yellow square and a purple triangle"
+    model = w.node("InfSplignDemoModelLoader", (X[0], 80), (320, 100), ["default"])
+    prompt = w.node("PrimitiveStringMultiline", (X[0], 230), (320, 130), [text], title="Prompt")
+    w.note((X[0], 410), (320, 300),
+           "**Missing objects: InfSplign Refine**\n\nNeeds no model file. The prompt names three objects "
+           "and no relation, so *Spatial Relation Parse* gets them as its `objects` list. At one step "
+           "(`refine_percent`) *InfSplign Refine* optimises the latent so every object has a strong attention "
+           "peak (presence) and the objects stay apart (separation); sampling goes on from there. Left: "
+           "the same seeds unrefined. The preview's loss plot shows the refinement's loss per iteration.")
+    pos = w.node("CLIPTextEncode", (X[1], 80), (320, 90), [text], title="Positive")
+    neg = w.node("CLIPTextEncode", (X[1], 220), (320, 90), [""], title="Negative")
+    latent = w.node("EmptyLatentImage", (X[1], 360), (320, 110), [128, 128, 4])
+    parse = w.node("InfSplignRelationParse", (X[1], 520), (320, 260),
+                   [text, "", "from text", "", "green circle, yellow square, purple triangle"])
+    refine = w.node("InfSplignRefine", (X[2], 80), (340, 400), list(REFINE_DEFAULTS))
+    plain = w.node("KSampler", (X[3], 80), (320, 270), [7, "fixed", 20, 5.0, "euler", "normal", 1.0],
+                   title="KSampler (unrefined)")
+    refined = w.node("KSampler", (X[3], 420), (320, 270), [7, "fixed", 20, 5.0, "euler", "normal", 1.0],
+                     title="KSampler (refined)")
+    decode_plain = w.node("VAEDecode", (1600, 80), (210, 50))
+    decode_refined = w.node("VAEDecode", (1600, 420), (210, 50))
+    save_plain = w.node("SaveImage", (1860, 80), (420, 300), ["infsplign_demo/unrefined"])
+    save_refined = w.node("SaveImage", (1860, 420), (420, 300), ["infsplign_demo/refined"])
+    preview = w.node("InfSplignAttentionPreview", (2330, 80), (900, 800), ["auto", 128],
+                     title="Attention preview (refined run)")
+    for node in (pos, neg, parse):
+        w.link(model, 1, node, "clip")
+    w.link(prompt, 0, pos, "text")
+    w.link(prompt, 0, parse, "text")
+    w.link(model, 0, refine, "model")
+    w.link(parse, 0, refine, "relations")
+    for sampler, m, decode, save in ((plain, (model, 0), decode_plain, save_plain),
+                                     (refined, (refine, 0), decode_refined, save_refined)):
+        w.link(*m, sampler, "model")
+        w.link(pos, 0, sampler, "positive")
+        w.link(neg, 0, sampler, "negative")
+        w.link(latent, 0, sampler, "latent_image")
+        w.link(sampler, 0, decode, "samples")
+        w.link(model, 2, decode, "vae")
+        w.link(decode, 0, save, "images")
+    w.link(refined, 0, preview, "latent")
+    w.link(refine, 0, preview, "model")
+    return w.to_json()
+
+
 WORKFLOWS = {
     "a_sd15_ksampler.json": sd15_ksampler,
     "b_sdxl_guider_custom_sampler.json": sdxl_guider_custom_sampler,
     "c_sd15_lora_controlnet.json": sd15_lora_controlnet,
     "e_demo_model_layout_boxes.json": demo_model_layout_boxes,
+    "f_demo_model_refine.json": demo_model_refine,
 }
 
 

@@ -125,10 +125,11 @@ def refine_wrapper(relations: SpatialRelations, settings: RefineSettings):
         if trace is not None:
             trace.refinement = report
         if report.skipped:
-            log.warning("InfSplign Refine skipped the refinement at step %d: %s.", k, report.skipped)
+            log.warning("InfSplign Refine skipped the refinement at step %d: %s.", k, report.skipped,
+                        extra={"infsplign": report})
         else:
             log.info("InfSplign Refine at step %d (sigma %.4f): loss %.5f -> %.5f in %d iterations", k,
-                     float(sigmas[k]), report.losses[0], report.final, len(report.losses))
+                     float(sigmas[k]), report.losses[0], report.final, len(report.losses), extra={"infsplign": report})
         rest = sigmas[k:]
         md = sampler.max_denoise(guider, rest)
         start = _linear_inverse(lambda s, n: sampling.noise_scaling(s, n, latent_image, md), rest[0], refined)
