@@ -172,9 +172,11 @@ def save(path: Path, unet: torch.nn.Module, clip: comfy.sd.CLIP, meta: dict) -> 
     comfy.utils.save_torch_file(sd, str(path), metadata={"infsplign_demo": json.dumps(meta)})
 
 
-def load(path: Path = WEIGHTS, dtype: torch.dtype | None = None,
+def load(path: Path | None = None, dtype: torch.dtype | None = None,
          embedding_directory: str | None = None):
-    """(MODEL, CLIP, VAE) from the demo weights, as ComfyUI objects."""
+    """(MODEL, CLIP, VAE) from the demo weights (`path`, default WEIGHTS as it is at the
+    call, so an evaluation can point the loader node at other weights), as ComfyUI objects."""
+    path = Path(path) if path is not None else WEIGHTS
     if not Path(path).is_file():
         raise FileNotFoundError(
             f"InfSplign demo weights not found at {path}. Reinstall the pack, or train them "

@@ -99,3 +99,141 @@ def test_prompt_sets_are_disjoint_balanced_and_parse():
     for p in ev[:20]:
         (rel,) = parse_relations(p.text)
         assert (rel.object_a, rel.relation, rel.object_b) == (" ".join(p.a), p.relation, " ".join(p.b))
+
+
+# ---- one to three objects ---------------------------------------------------------------------
+
+PLACE_WORDS = {w for ps in PHRASINGS.values() for p in ps for w in p.split()} - {"to", "the", "of", "on"}
+
+
+def test_scenes_of_one_to_three_objects_differ_in_colour_and_shape_and_keep_apart():
+    rng = random.Random(4)
+    for n in (1, 2, 3):
+        for _ in range(400):
+            s = world.random_scene(rng, n)
+            assert len(s.things) == n
+            assert len({t.color for t in s.things}) == n and len({t.shape for t in s.things}) == n
+            assert world.all_separated(s.things)
+            for t in s.things:
+                x0, y0, x1, y1 = t.box()
+                assert x0 >= world.MARGIN - 1e-9 and x1 <= world.IMAGE - world.MARGIN + 1e-9
+                assert y0 >= world.MARGIN - 1e-9 and y1 <= world.IMAGE - world.MARGIN + 1e-9
+            if n == 3:
+                assert sorted(t.shape for t in s.things) == sorted(world.SHAPES)
+    a, b, c = (world.Thing(col, sh, 20 + 40 * i, 64, 30) for i, (col, sh) in
+               enumerate((("red", "circle"), ("blue", "square"), ("green", "triangle"))))
+    assert world.Scene(a, b).a == a and world.Scene(a, b).b == b  # positional, as before
+    assert world.Scene(a, b, c).things == (a, b, c) and world.Scene(a).a == a
+    with pytest.raises(AttributeError):
+        world.Scene(a).b
+    with pytest.raises(ValueError):
+        world.Scene()
+
+
+def test_captions_of_one_to_three_objects_name_each_once_and_never_a_place():
+    rng = random.Random(5)
+    fillers = ("banana", "quietly", "mountain")
+    comma_lists = connector_lists = 0
+    for n in (1, 2, 3):
+        for _ in range(400):
+            scene = world.random_scene(rng, n)
+            text = world.caption(scene, rng, fillers)
+            for t in scene.things:
+                assert text.count(t.name) == 1, text
+            assert not set(re.findall(r"[a-z]+", text)) & PLACE_WORDS, text
+            if n == 1:
+                assert re.fullmatch(r"(a|an image of a|one) [a-z]+ [a-z]+", text), text
+            if n == 3:
+                comma_lists += "," in text
+                connector_lists += "," not in text
+    assert comma_lists > 100 and connector_lists > 100
+    scene = world.random_scene(random.Random(0), 3)
+    texts = {world.caption(scene, random.Random(i)) for i in range(200)}
+    names = [t.name for t in scene.things]
+    import itertools
+    assert any(f"a {p}, a {q} and a {r}" in tx for tx in texts for p, q, r in itertools.permutations(names))
+
+
+def test_object_counts_parse():
+    assert world.parse_counts("2") == (2,)
+    assert world.parse_counts("1-3") == (1, 2, 3)
+    assert world.parse_counts("1,2,2,3") == (1, 2, 2, 3)
+    assert world.parse_counts(3) == (3,)
+    for bad in ("0-2", "4", "1,5", ""):
+        with pytest.raises(ValueError):
+            world.parse_counts(bad)
+
+
+def test_three_object_scenes_render_detect_and_cover():
+    rng = random.Random(6)
+    scenes = [world.random_scene(rng, n) for n in (3, 1, 2, 3, 3, 1, 2, 3)]
+    exact = world.latent_signal(world.render(scenes))
+    cover = world.object_coverage(scenes)
+    assert cover.shape == (8, 3, 16, 16)
+    assert cover[1, 1:].abs().sum() == 0 and cover[2, 2].abs().sum() == 0  # slots past a scene's own
+    assert ((exact[:, 3] + 1) / 2 - cover.sum(dim=1).clamp(max=1)).abs().mean() < 0.01
+    assert world.object_coverage(scenes[2:3], objects=3).shape == (1, 3, 16, 16)
+    assert world.masks(scenes[0]).shape == (3, 128, 128)
+    images = world.render(scenes).permute(0, 2, 3, 1).numpy()
+    for s, img in zip(scenes, images):
+        dets = scorer.detect(img)
+        assert len(dets) == len(s.things)
+        for t in s.things:
+            d = scorer.find(dets, t.color, t.shape)
+            assert d is not None and abs(d.cx - t.cx) < 1.0
+
+
+class WordTokenizer:
+    """A stand-in for ComfyUI's CLIP tokenizer: one id per word or comma, start and end
+    tokens, padded with the end token to 77 (the batch code only needs this interface)."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def tokenize_with_weights(self, text):
+        from infsplign.demo_world.text import END_TOKEN
+        words = re.findall(r"[a-z]+|,", text)
+        ids = [49406] + [self.vocab.setdefault(w, 1000 + len(self.vocab)) for w in words] + [END_TOKEN]
+        return {"l": [[(t, 1.0) for t in ids + [END_TOKEN] * (77 - len(ids))]]}
+
+
+def test_training_batch_of_one_to_three_objects():
+    from infsplign.demo_world import batches
+    tok = WordTokenizer()
+    batch = batches.make_batch(tok, random.Random(7), 48, ("banana",), objects=(1, 2, 3))
+    assert batch.x0.shape == (48, 4, 16, 16) and batch.coverage.shape == (48, 3, 16, 16)
+    assert batch.weights.shape == (48, 3, 77) and batch.centres.shape == (48, 3, 2)
+    named = (batch.weights.sum(dim=-1) > 0).sum(dim=-1)
+    counts = {int(c) for c, e in zip(named, batch.empty) if not e}
+    assert counts == {1, 2, 3}
+    inverse = {v: k for k, v in tok.vocab.items()}
+    for i in range(48):
+        assert len(batch.groups[i]) == 3
+        present = [g for g in batch.groups[i] if g]
+        assert len(present) == int(named[i])
+        if batch.empty[i]:
+            assert not present
+            continue
+        covered = batch.coverage[i].flatten(1).sum(dim=-1) > 0
+        assert covered.tolist() == [bool(g) for g in batch.groups[i]]  # an object for every named slot
+        assert (batch.centres[i, len(present):] == 0).all()
+        for g in present:
+            assert torch.allclose(batch.weights[i, :, list(g)].sum(dim=-1).max(), torch.tensor(1.0))
+            color, shape = (inverse[batch.ids[i][k]] for k in g)
+            assert color in world.COLORS and shape in world.SHAPES
+    again = batches.make_batch(WordTokenizer(), random.Random(7), 48, ("banana",), objects=(1, 2, 3))
+    assert torch.equal(batch.x0, again.x0) and batch.groups == again.groups and batch.donors == again.donors
+    two = batches.make_batch(tok, random.Random(7), 16, (), objects=(2,))  # the two-object batch
+    assert two.weights.shape == (16, 2, 77) and two.coverage.shape == (16, 2, 16, 16)
+
+
+def test_localisation_counts_the_nearest_of_several_objects():
+    from infsplign.demo_world import attention
+    centres = torch.tensor([[[0.2, 0.2], [0.8, 0.2], [0.5, 0.8]]])
+    centroids = torch.tensor([[[0.25, 0.25], [0.45, 0.7], [0.0, 0.0]]])  # b's words sit on c
+    present = torch.tensor([[True, True, False]])
+    assert attention.nearer_own(centroids, centres, present).tolist() == [[True, False, False]]
+    assert attention.nearer_own(centroids[:, :2], centres[:, :2]).tolist() == [[True, False]]
+    # with c absent, b's words at c's place are still nearer b than a
+    centroids = torch.tensor([[[0.25, 0.25], [0.6, 0.6], [0.0, 0.0]]])
+    assert attention.nearer_own(centroids, centres, present)[0, :2].tolist() == [True, True]

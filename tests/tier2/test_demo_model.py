@@ -67,3 +67,39 @@ def test_training_is_deterministic_from_its_seed(demo):
     assert torch.isfinite(first).all()
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
+
+
+def test_three_object_captions_give_each_object_its_tokens(demo):
+    model, training = demo
+    clip = model.new_clip()
+    text = "an image of a green circle, a yellow square and a purple triangle"
+    ids = training.token_ids(clip, text)
+    spans = [training.positions(ids, clip, name) for name in ("green circle", "yellow square", "purple triangle")]
+    assert all(len(s) == 2 for s in spans) and len({p for s in spans for p in s}) == 6
+    assert spans[0][-1] < spans[1][0] < spans[2][0]  # the comma is a token of its own
+
+
+def test_fine_tune_starts_from_the_given_weights(demo, tmp_path):
+    model, training = demo
+    settings = training.TrainSettings(steps=2, batch=4, warmup=1, seed=3, log_every=10**6, probe_every=10**6,
+                                      save_every=10**6)
+    base, clip = training.train(settings, None, log=lambda s: None)
+    path = tmp_path / "start.safetensors"
+    model.save(path, base.diffusion_model, clip, {"step": 2})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tuned = training.TrainSettings(steps=2, batch=6, warmup=1, lr=0.0, seed=4, log_every=10**6, probe_every=2,
+                                       save_every=10**6, objects="1-3", init=str(path))
+        logged = []
+        base2, clip2 = training.train(tuned, None, log=logged.append)
+    finally:
+        torch.set_num_threads(threads)
+    start = {k: v.float() for k, v in base.diffusion_model.state_dict().items()}
+    for k, v in base2.diffusion_model.state_dict().items():  # lr 0: the fine-tune keeps its start (fp16-rounded)
+        assert torch.allclose(v, start[k].half().float()), k
+    text = clip2.cond_stage_model.state_dict()
+    for k, v in clip.cond_stage_model.state_dict().items():
+        if "position_ids" not in k:
+            assert torch.allclose(text[k], v.half().float()), k
+    assert any("2 objects" in line for line in logged) and any("3 objects" in line for line in logged)
