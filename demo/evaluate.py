@@ -4,6 +4,13 @@
     .venv/bin/python demo/evaluate.py --tune          # the tuning grid, on the tuning prompts
     .venv/bin/python demo/evaluate.py --prompts 8     # a quick look
     .venv/bin/python demo/evaluate.py --tune --steps 50 --scheduler beta --temperature 4   # other sampling
+    .venv/bin/python demo/evaluate.py --presence 9    # 9 three-object prompts x 4 seeds, unguided: all drawn?
+    .venv/bin/python demo/evaluate.py --weights /tmp/w.safetensors   # other demo weights than the shipped
+
+--presence N samples N prompts naming --presence-objects objects (3: "a green circle, a
+yellow square and a purple triangle", no relation) with workflow d's unguided KSampler
+(20 euler steps, normal scheduler, cfg 5; noise seed EVAL_NOISE_SEED) and counts the images
+in which every named object is detected (scorer.detect, by colour and shape).
 
 Each prompt runs the example workflow d (unguided and guided KSampler from the same seed,
 batch of 4: the four seeds of a prompt are the batch's four initial noises) in-process with
@@ -54,9 +61,10 @@ class Evaluator:
         self._model = None
 
     def run(self, prompt, seed: int, settings: dict, guided_only: bool = False, cfg: float | None = None,
-            sampling: dict | None = None):
+            sampling: dict | None = None, unguided_only: bool = False):
         """(unguided images, guided images) of one prompt, 4 seeds each, (H, W, 3) in [0, 1].
-        `sampling` overrides KSampler inputs of both arms (steps, sampler_name, scheduler)."""
+        `sampling` overrides KSampler inputs of both arms (steps, sampler_name, scheduler).
+        guided_only / unguided_only: run that arm alone (the other is None)."""
         api = json.loads(json.dumps(self.api))
         api[TEXT]["inputs"]["value"] = prompt.text
         api[PLAIN]["inputs"]["seed"] = api[GUIDED]["inputs"]["seed"] = seed
@@ -69,6 +77,10 @@ class Evaluator:
             api["13"]["inputs"]["images"] = ["11", 0]
             for node in ("8", "10", "12", "14"):
                 api.pop(node)
+        if unguided_only:  # no guidance: decode and save the unguided images only
+            api["13"]["inputs"]["images"] = ["10", 0]
+            for node in ("5", "7", "9", "11", "12", "14"):
+                api.pop(node)
         run = self.session.execute(api)
         if not run.success:
             raise RuntimeError(f"{prompt.text!r}: {run.error()}")
@@ -76,6 +88,8 @@ class Evaluator:
                   for im in run.outputs[SAVE]["images"]]
         if guided_only:
             return None, images
+        if unguided_only:
+            return images, None
         half = (images[0].shape[1] - 8) // 2
         return [im[:, :half] for im in images], [im[:, -half:] for im in images]
 
@@ -112,6 +126,30 @@ class Evaluator:
         return results
 
 
+def use_weights(path: Path) -> None:
+    """Point every loaded copy of demo_world.model (the loader node's and ours) at `path`."""
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    for name, mod in list(sys.modules.items()):
+        if name.endswith("demo_world.model") and hasattr(mod, "WEIGHTS"):
+            mod.WEIGHTS = path.resolve()
+
+
+def presence(ev: Evaluator, prompts, sampling: dict, cfg: float | None) -> None:
+    """Unguided presence: the share of images in which every named object is detected."""
+    t0 = time.monotonic()
+    found = []
+    for i, p in enumerate(prompts, 1):
+        images, _ = ev.run(p, ev.evaluation.EVAL_NOISE_SEED, {}, cfg=cfg, sampling=sampling, unguided_only=True)
+        found.append([ev.evaluation.objects_found(p, im) for im in images])
+        print(f"  {p.text!r}: all objects in {sum(all(f) for f in found[-1])} of {len(images)} images, "
+              f"objects found per image {[sum(f) for f in found[-1]]} ({time.monotonic() - t0:.0f} s)", flush=True)
+    m = ev.evaluation.presence_summary(found)
+    print(f"\npresence (unguided, {len(prompts)} prompts x 4 seeds = {m['images']} images, noise seed "
+          f"{ev.evaluation.EVAL_NOISE_SEED}): all named objects detected in {m['all_objects']:.1f}% of images; "
+          f"{m['objects']:.1f}% of named objects detected")
+
+
 def settings_from(args) -> dict:
     return {k: getattr(args, k) for k in SETTING_NAMES if getattr(args, k) is not None}
 
@@ -127,14 +165,24 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="steps of both KSamplers (workflow: 20)")
     ap.add_argument("--scheduler", default=None, help="scheduler of both KSamplers (workflow: normal)")
     ap.add_argument("--out", type=Path, default=ROOT / "output" / "evaluate")
+    ap.add_argument("--weights", type=Path, default=None, help="demo weights file (default: the shipped one)")
+    ap.add_argument("--presence", type=int, default=0, metavar="N",
+                    help="instead: N object prompts without a relation, unguided; share with all objects drawn")
+    ap.add_argument("--presence-objects", type=int, default=3, help="objects named by each --presence prompt")
     for name in SETTING_NAMES:
         ap.add_argument(f"--{name.replace('_', '-')}", dest=name,
                         type=str if name in ("loss", "orthogonal") else float, default=None)
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     ev = Evaluator(a.out)
+    if a.weights is not None:
+        use_weights(a.weights)
+    print(f"demo weights: {ev.demo.WEIGHTS}", flush=True)
     sampling = {k: v for k, v in (("steps", a.steps), ("scheduler", a.scheduler)) if v is not None}
     sampling_text = f"cfg {a.cfg or 'workflow d'}" + "".join(f", {k} {v}" for k, v in sampling.items())
+    if a.presence:
+        presence(ev, ev.evaluation.object_prompts(a.presence, a.presence_objects), sampling, a.cfg)
+        return 0
     evaluation_prompts, tuning_prompts = ev.evaluation.prompt_sets(a.prompts, a.tune_prompts)
     t0 = time.monotonic()
 

@@ -32,9 +32,9 @@ class RefineSettings:
     presence: float = 1.0
     separation: float = 0.0
     spatial: float = 0.0
-    refine_percent: float = 0.3
+    refine_percent: float = 0.4
     iterations: int = 50
-    learning_rate: float = 0.01
+    learning_rate: float = 0.05
     continuous: bool = False
     continuous_strength: float = 30.0
     continuous_end_percent: float = 0.5

@@ -90,7 +90,7 @@ PARSE_DEFAULTS = ["", "from text", "", ""]  # object_a, relation, object_b: read
 # InfSplign Layout Boxes at its defaults (nodes/layout_node.DEFAULTS): injection .. box_end_percent.
 LAYOUT_DEFAULTS = [6.0, 0.3, "ilgd", 8.0, 0.5]
 # InfSplign Refine at its defaults (nodes/refine_node.DEFAULTS, then its optional inputs' defaults).
-REFINE_DEFAULTS = [1.0, 0.5, 0.0, 0.3, 50, 0.01, False, 30.0, 0.5, 1.0, "auto"]
+REFINE_DEFAULTS = [1.0, 0.5, 0.0, 0.4, 50, 0.05, False, 30.0, 0.5, 1.0, "auto"]
 # Workflow d's guidance settings for the demo model (its maps read at temperature 8).
 DEMO_GUIDANCE = [30.0, "gelu", 2.0, 0.25, "auto", 1.0, 1.0, 0.0, 0.5, False, 8.0, "auto"]
 # Workflow e's: the same with the maps read at temperature 32 (tuned with the layout defaults).

@@ -9,8 +9,8 @@ from . import refine_hooks, unet_layers
 CATEGORY = "sampling/InfSplign"
 # Shipped defaults: chosen on the demo model's tuning prompts and seeds (demo/evaluate_refine.py --tune;
 # tuning log in demo_world/tuning_log.txt).
-DEFAULTS = {"presence": 1.0, "separation": 0.5, "spatial": 0.0, "refine_percent": 0.3, "iterations": 50,
-            "learning_rate": 0.01}
+DEFAULTS = {"presence": 1.0, "separation": 0.5, "spatial": 0.0, "refine_percent": 0.4, "iterations": 50,
+            "learning_rate": 0.05}
 
 
 class Refine:
