@@ -51,6 +51,7 @@ class Evaluator:
         comfy_host.set_output_directory(out)
         from testkit.pack import module
         self.evaluation = module("demo_world.evaluation")
+        self.presence = module("demo_world.presence_evaluation")
         self.scorer = module("demo_world.scorer")
         self.training = module("demo_world.training")
         self.demo = module("demo_world.model")
@@ -138,16 +139,16 @@ def use_weights(path: Path) -> None:
 def presence(ev: Evaluator, prompts, sampling: dict, cfg: float | None) -> None:
     """Unguided presence: the share of images in which every named object is detected."""
     t0 = time.monotonic()
-    found = []
-    for i, p in enumerate(prompts, 1):
+    scores = []
+    for p in prompts:
         images, _ = ev.run(p, ev.evaluation.EVAL_NOISE_SEED, {}, cfg=cfg, sampling=sampling, unguided_only=True)
-        found.append([ev.evaluation.objects_found(p, im) for im in images])
-        print(f"  {p.text!r}: all objects in {sum(all(f) for f in found[-1])} of {len(images)} images, "
-              f"objects found per image {[sum(f) for f in found[-1]]} ({time.monotonic() - t0:.0f} s)", flush=True)
-    m = ev.evaluation.presence_summary(found)
-    print(f"\npresence (unguided, {len(prompts)} prompts x 4 seeds = {m['images']} images, noise seed "
-          f"{ev.evaluation.EVAL_NOISE_SEED}): all named objects detected in {m['all_objects']:.1f}% of images; "
-          f"{m['objects']:.1f}% of named objects detected")
+        scores.append([ev.presence.score_image(p.objects, im) for im in images])
+        print(f"  {p.text!r}: all objects in {sum(s.all_present for s in scores[-1])} of {len(images)} images, "
+              f"objects found per image {[s.found for s in scores[-1]]} ({time.monotonic() - t0:.0f} s)", flush=True)
+    flat = [s for row in scores for s in row]
+    print(f"\npresence (unguided, {len(prompts)} prompts x 4 seeds = {len(flat)} images, noise seed "
+          f"{ev.evaluation.EVAL_NOISE_SEED}): all named objects detected in {ev.presence.share(scores):.1f}% of "
+          f"images; {100 * sum(s.found for s in flat) / sum(s.named for s in flat):.1f}% of named objects detected")
 
 
 def settings_from(args) -> dict:
@@ -181,7 +182,7 @@ def main() -> int:
     sampling = {k: v for k, v in (("steps", a.steps), ("scheduler", a.scheduler)) if v is not None}
     sampling_text = f"cfg {a.cfg or 'workflow d'}" + "".join(f", {k} {v}" for k, v in sampling.items())
     if a.presence:
-        presence(ev, ev.evaluation.object_prompts(a.presence, a.presence_objects), sampling, a.cfg)
+        presence(ev, ev.presence.object_prompts(a.presence, a.presence_objects), sampling, a.cfg)
         return 0
     evaluation_prompts, tuning_prompts = ev.evaluation.prompt_sets(a.prompts, a.tune_prompts)
     t0 = time.monotonic()

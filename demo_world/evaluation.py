@@ -1,9 +1,7 @@
 """Relation prompts for the demo model, and VISOR evaluation through ComfyUI's executor.
 
 Prompt sets are drawn from fixed seeds: the tuning set and the evaluation set never share
-a prompt, and they use different sampling seeds. Object prompts without a relation ("a
-green circle, a yellow square and a purple triangle") measure whether the model draws
-every named object at all (presence).
+a prompt, and they use different sampling seeds. Prompts without a relation, for presence: demo_world/presence_evaluation.py.
 """
 from __future__ import annotations
 
@@ -15,7 +13,6 @@ from . import scorer, world
 PHRASE = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
 TUNING_PROMPT_SEED, EVAL_PROMPT_SEED = 101, 202
 TUNING_NOISE_SEED, EVAL_NOISE_SEED = 1000, 7
-OBJECTS_PROMPT_SEED = 303  # the presence prompts ("a ..., a ... and a ..."); sampled with EVAL_NOISE_SEED
 
 
 @dataclass(frozen=True)
@@ -71,41 +68,3 @@ def table(unguided: list[list[scorer.Score]], guided: list[list[scorer.Score]]) 
     rows.append(f"({len(unguided)} prompts x {len(unguided[0])} seeds = {n} prompt-seed pairs per arm)")
     return "\n".join(rows)
 
-
-@dataclass(frozen=True)
-class ObjectsPrompt:
-    """Objects named without a relation: 'a red circle', 'a red circle and a blue square',
-    'a green circle, a yellow square and a purple triangle'."""
-    objects: tuple[tuple[str, str], ...]  # (colour, shape) each
-
-    @property
-    def text(self) -> str:
-        names = [f"a {c} {s}" for c, s in self.objects]
-        return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
-
-
-def object_prompts(n: int, objects: int = 3, seed: int = OBJECTS_PROMPT_SEED) -> list[ObjectsPrompt]:
-    """n distinct prompts naming `objects` objects of distinct colours and shapes, in the
-    world's own draw (world.pick_objects), from a fixed seed."""
-    rng = random.Random(seed)
-    out: list[ObjectsPrompt] = []
-    while len(out) < n:
-        p = ObjectsPrompt(world.pick_objects(rng, objects))
-        if p not in out:
-            out.append(p)
-    return out
-
-
-def objects_found(prompt: ObjectsPrompt, image) -> list[bool]:
-    """Per named object: is it detected (its colour and shape) in the image?"""
-    dets = scorer.detect(image)
-    return [scorer.find(dets, c, s) is not None for c, s in prompt.objects]
-
-
-def presence_summary(found: list[list[list[bool]]]) -> dict[str, float]:
-    """found[prompt][seed][object] -> the share (percent) of images with all named objects,
-    and of objects detected."""
-    images = [f for row in found for f in row]
-    flat = [x for f in images for x in f]
-    return {"all_objects": 100 * sum(all(f) for f in images) / len(images),
-            "objects": 100 * sum(flat) / len(flat), "images": len(images)}

@@ -22,6 +22,7 @@ from . import scorer, world
 
 TUNING_PROMPT_SEED, EVAL_PROMPT_SEED = 707, 808
 TUNING_NOISE_SEED, EVAL_NOISE_SEED = 4000, 13
+CHECK_PROMPT_SEED = 303  # demo/evaluate.py --presence: the unguided check of a model's weights
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,18 @@ class PresencePrompt:
     def objects_list(self) -> str:
         """Spatial Relation Parse's `objects` input for this prompt."""
         return ", ".join(f"{c} {s}" for c, s in self.objects)
+
+
+def object_prompts(n: int, objects: int = 3, seed: int = CHECK_PROMPT_SEED) -> list[PresencePrompt]:
+    """n distinct prompts naming `objects` objects, drawn as the world draws a scene's
+    objects (world.pick_objects), from a fixed seed."""
+    rng = random.Random(seed)
+    out: list[PresencePrompt] = []
+    while len(out) < n:
+        p = PresencePrompt(world.pick_objects(rng, objects))
+        if p not in out:
+            out.append(p)
+    return out
 
 
 def _triples(seed: int, n: int, exclude=frozenset()) -> list[PresencePrompt]:
