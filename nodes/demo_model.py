@@ -9,8 +9,8 @@ DTYPES = {"default": None, "fp32": torch.float32, "fp16": torch.float16, "bf16":
 
 
 class DemoModelLoader:
-    DESCRIPTION = ("A small text-to-image model that ships with the pack (128 x 128 px, two coloured "
-                   "shapes on black, e.g. 'a red circle to the left of a blue square'). Trained on "
+    DESCRIPTION = ("A small text-to-image model that ships with the pack (128 x 128 px, one to three "
+                   "coloured shapes on black, e.g. 'a red circle to the left of a blue square'). Trained on "
                    "captions that never say where things are, so without InfSplign it places objects "
                    "at random: a quick, offline way to see the guidance work. Use it with the standard "
                    "nodes: CLIPTextEncode, EmptyLatentImage 128 x 128, KSampler, VAEDecode.")
