@@ -130,7 +130,7 @@ def capture_wrapper(relations: SpatialRelations, layers: tuple[Layer, ...]):
     def outer_sample(executor, *args, **kwargs):
         guider = executor.class_obj
         # CFGGuider.sample made guider.model_options a per-run copy of nested dicts.
-        settings, refine = _settings(guider.model_options), refine_settings(guider.model_options)
+        settings, refine = guidance_settings(guider.model_options), refine_settings(guider.model_options)
         # the maps are read at the guidance's temperature (else the refinement's), so the trace
         # shows what the loss saw
         temperature = settings.loss.temperature if settings else refine.temperature if refine else 1.0
@@ -215,7 +215,7 @@ def guided_prediction(executor, x, timestep, model_options, seed, store: Capture
             denoised, report = guided_step(lambda xx: executor(xx, timestep, model_options, seed),
                                            x, timestep, store, settings, objective)
         else:
-            denoised, report = memory_modes.step_with_fallback(plan, plan.step_mode(), guided, unguided, _size(x))
+            denoised, report = memory_modes.step_with_fallback(plan, plan.step_mode(), guided, unguided, size_text(x))
     finally:
         store.step_active = False
     trace_step(run, store, timestep, model_options, True, report.applied)
@@ -236,7 +236,7 @@ def guided_prediction(executor, x, timestep, model_options, seed, store: Capture
     return denoised
 
 
-def _settings(model_options: dict) -> GuidanceSettings | None:
+def guidance_settings(model_options: dict) -> GuidanceSettings | None:
     guidance = get_wrappers_with_key(WrappersMP.PREDICT_NOISE, GUIDANCE_KEY, model_options, is_model_options=True)
     return getattr(guidance[0], "settings", None) if guidance else None
 
@@ -252,7 +252,7 @@ def memory_plan(model_options: dict, model, noise_shape):
     step or refinement); None when nothing in the run takes a gradient (no guidance or
     strength 0, and no refinement). The memory mode is the guidance's, else the refinement's."""
     options = model_options.setdefault("transformer_options", {})
-    store, settings, refine = options.get(RUN_KEY), _settings(model_options), refine_settings(model_options)
+    store, settings, refine = options.get(RUN_KEY), guidance_settings(model_options), refine_settings(model_options)
     if settings is not None and settings.strength > 0:
         mode = settings.memory
     elif refine is not None and refine.takes_gradient:
@@ -266,7 +266,7 @@ def memory_plan(model_options: dict, model, noise_shape):
     return options[PLAN_KEY]
 
 
-def _size(x: torch.Tensor) -> str:
+def size_text(x: torch.Tensor) -> str:
     """"1024x1024 px (latent 128x128), batch 1" for a latent of an 8x-downscaling VAE."""
     h, w = x.shape[-2:]
     return f"{w * 8}x{h * 8} px (latent {h}x{w}), batch {x.shape[0]}"

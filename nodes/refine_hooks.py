@@ -55,7 +55,7 @@ def refine_at(guider, store, x: torch.Tensor, sigma: torch.Tensor, k: int, setti
     options = model_options.setdefault("transformer_options", {})
     positive = guider.conds.get("positive")
     objective = step_terms.refine_objective(store, settings)
-    guidance = hooks._settings(model_options)
+    guidance = hooks.guidance_settings(model_options)
     loss_settings = guidance.loss if guidance is not None else LossSettings()
     timestep = sigma.reshape(1).to(x.device).expand(x.shape[0]).clone()
     step_terms.set_injection(store, sampling, float(sigma))
@@ -85,7 +85,7 @@ def refine_at(guider, store, x: torch.Tensor, sigma: torch.Tensor, k: int, setti
     try:
         if plan is None:
             return burst("fast")
-        return memory_modes.step_with_fallback(plan, plan.step_mode(), burst, unrefined, hooks._size(x))
+        return memory_modes.step_with_fallback(plan, plan.step_mode(), burst, unrefined, hooks.size_text(x))
     finally:
         store.step_active = store.capturing = store.injecting = False
         store.take()
@@ -145,7 +145,7 @@ def continuous_wrapper(relations: SpatialRelations, settings: RefineSettings):
                                 loss=LossSettings(temperature=settings.temperature))
 
     def predict_noise(executor, x, timestep, model_options={}, seed=None):
-        if hooks._settings(model_options) is not None:
+        if hooks.guidance_settings(model_options) is not None:
             return executor(x, timestep, model_options, seed)
         store = hooks.run_store(model_options, relations)
         sampling = executor.class_obj.model_patcher.get_model_object("model_sampling")
