@@ -136,7 +136,6 @@ def main() -> int:
         arms = {
             "InfSplign alone (workflow d)": (RELATION_SETTINGS, None),
             "Refine alone (spatial + presence + separation)": (None, refine_all),
-            "Refine alone, no separation": (None, {**refine_all, "separation": 0.0}),
             "both": (RELATION_SETTINGS, refine_all),
             "both, no separation": (RELATION_SETTINGS, {**refine_all, "separation": 0.0}),
         }
