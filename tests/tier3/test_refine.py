@@ -201,3 +201,21 @@ def test_preview_shows_the_refinement_step(host, checkpoints):
     dash = torch.tensor(plot_module.REFINE_COLOUR, dtype=torch.uint8)
     assert int((top == dash).all(dim=1).sum()) > 20
     assert torch.isfinite(maps).all()
+
+
+@pytest.mark.parametrize("ckpt", ["infsplign_test_sd2v.safetensors", "infsplign_test_sdxl.safetensors"])
+def test_refinement_on_sd2v_and_sdxl(run, ckpt):
+    """v-prediction (SD2.x) and SDXL's conds (pooled output, size embedding) go through the
+    refinement's cond forward; iterations 0 stays plain."""
+    def graph(iterations):
+        g = workflow(ckpt, "ksampler", text=TEXT, steps=STEPS, guided=False)
+        g["refine"] = {"class_type": "InfSplignRefine", "inputs": {
+            "model": ["ckpt", 0], "relations": ["parse", 0], **{**REFINE, "iterations": iterations}}}
+        g["sample"]["inputs"]["model"] = ["refine", 0]
+        return g
+    plain_g = workflow(ckpt, "ksampler", text=TEXT, steps=STEPS, guided=False)
+    refined_run = run(graph(3))
+    assert differs(refined_run.latent, run(plain_g).latent) and torch.isfinite(refined_run.latent).all()
+    (report,) = [r for r in refined_run.reports if hasattr(r, "losses")]
+    assert report.step == 2 and len(report.losses) == 3 and not report.skipped
+    assert torch.equal(run(graph(0)).latent, run(plain_g).latent)
