@@ -43,6 +43,22 @@ OFF = {"injection": 0.0, "injection_end_percent": 0.0, "box_loss": "none", "box_
 TUNING_GRID = {"injection": (0.0, 0.75, 2.0), "box_loss": ("ilgd", "maalign"), "box_weight": (1.0, 4.0, 16.0)}
 
 
+def demo_graph(text: str, seed: int) -> dict:
+    """The unguided API prompt of the demo evaluations: InfSplign Demo Model -> CLIPTextEncode
+    -> KSampler (20 euler steps, cfg 5, 128 px, batch 4) "sample" -> VAEDecode "decode"."""
+    return {
+        "model": {"class_type": "InfSplignDemoModelLoader", "inputs": {"weight_dtype": "default"}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["model", 1], "text": text}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["model", 1], "text": ""}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 4}},
+        "sample": {"class_type": "KSampler", "inputs": {
+            "model": ["model", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
+            "seed": seed, "steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["model", 2]}},
+        "show": {"class_type": "PreviewImage", "inputs": {"images": ["decode", 0]}},
+    }
+
+
 class BoxEvaluator:
     def __init__(self, out: Path):
         comfy_host.boot()
@@ -57,17 +73,7 @@ class BoxEvaluator:
     def graph(self, text: str, seed: int, layout: dict | None, guidance: dict | None,
               boxes: str = "[]", parse: bool = False) -> dict:
         """The API prompt: unguided when `guidance` is None; `layout` None: relations only."""
-        g = {
-            "model": {"class_type": "InfSplignDemoModelLoader", "inputs": {"weight_dtype": "default"}},
-            "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["model", 1], "text": text}},
-            "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["model", 1], "text": ""}},
-            "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 4}},
-            "sample": {"class_type": "KSampler", "inputs": {
-                "model": ["model", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
-                "seed": seed, "steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-            "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["model", 2]}},
-            "show": {"class_type": "PreviewImage", "inputs": {"images": ["decode", 0]}},
-        }
+        g = demo_graph(text, seed)
         if guidance is None:
             return g
         relations = None

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "host")]
 
 import comfy_host  # noqa: E402
+from evaluate_boxes import demo_graph  # noqa: E402  (demo/ is the script's folder)
 
 # Workflow d's InfSplign (KSampler) settings (tuned for relations, demo_world/tuning_log.txt).
 RELATION_SETTINGS = {"strength": 30.0, "loss": "gelu", "alpha": 2.0, "margin": 0.25, "orthogonal": "auto",
@@ -48,17 +49,7 @@ class RefineEvaluator:
         self.images_made = 0
 
     def graph(self, text: str, seed: int, objects: str, guidance: dict | None, refine: dict | None) -> dict:
-        g = {
-            "model": {"class_type": "InfSplignDemoModelLoader", "inputs": {"weight_dtype": "default"}},
-            "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["model", 1], "text": text}},
-            "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["model", 1], "text": ""}},
-            "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 4}},
-            "sample": {"class_type": "KSampler", "inputs": {
-                "model": ["model", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
-                "seed": seed, "steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-            "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["model", 2]}},
-            "show": {"class_type": "PreviewImage", "inputs": {"images": ["decode", 0]}},
-        }
+        g = demo_graph(text, seed)
         if guidance is None and refine is None:
             return g
         g["parse"] = {"class_type": "InfSplignRelationParse", "inputs": {"clip": ["model", 1], "text": text,
