@@ -121,6 +121,16 @@ def workflow(ckpt: str, path: str = "ksampler", text: str = "a cat to the left o
     return g
 
 
+def with_plain_branch(g: dict) -> dict:
+    """Adds branch B to a KSampler graph: a plain KSampler "sample_b" on the source MODEL
+    ("ckpt") that waits for "sample" (its latent is that output times 0), saved as "save_b"."""
+    g["zero"] = {"class_type": "LatentMultiply", "inputs": {"samples": ["sample", 0], "multiplier": 0.0}}
+    g["sample_b"] = {"class_type": "KSampler", "inputs": {**g["sample"]["inputs"], "model": ["ckpt", 0],
+                                                          "latent_image": ["zero", 0]}}
+    g["save_b"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sample_b", 0], "filename_prefix": "b"}}
+    return g
+
+
 def model_consumer(g: dict) -> str:
     """The node whose `model` input takes the (patched) model: the InfSplign node when the
     graph is guided, else the sampler or the plain guider."""

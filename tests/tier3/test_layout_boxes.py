@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from graphs import workflow
+from graphs import workflow, with_plain_branch
 from test_compat import Runner, differs
 from test_robustness import assert_nothing_left, leftovers
 
@@ -81,10 +81,7 @@ def test_injection_leaks_onto_no_other_branch_and_no_later_prompt(host, checkpoi
     loss, B plain (it waits for A). B equals a plain run; so does the next prompt; nothing
     is left on the model."""
     g = boxed("ksampler")
-    g["zero"] = {"class_type": "LatentMultiply", "inputs": {"samples": ["sample", 0], "multiplier": 0.0}}
-    g["sample_b"] = {"class_type": "KSampler", "inputs": {**g["sample"]["inputs"], "model": ["ckpt", 0],
-                                                          "latent_image": ["zero", 0]}}
-    g["save_b"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sample_b", 0], "filename_prefix": "b"}}
+    with_plain_branch(g)
     session = host.Session()
     left = leftovers()
     first = session.execute(g)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from graphs import workflow
+from graphs import workflow, with_plain_branch
 from test_compat import Runner, differs
 from test_robustness import assert_nothing_left, leftovers
 
@@ -106,10 +106,7 @@ def test_refinement_changes_only_its_step(host, checkpoints, path):
 
 def test_refinement_leaks_onto_no_other_branch_and_no_later_prompt(host, checkpoints):
     g = refined("ksampler")
-    g["zero"] = {"class_type": "LatentMultiply", "inputs": {"samples": ["sample", 0], "multiplier": 0.0}}
-    g["sample_b"] = {"class_type": "KSampler", "inputs": {**g["sample"]["inputs"], "model": ["ckpt", 0],
-                                                          "latent_image": ["zero", 0]}}
-    g["save_b"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sample_b", 0], "filename_prefix": "b"}}
+    with_plain_branch(g)
     session = host.Session()
     left = leftovers()
     first = session.execute(g)

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 
-from graphs import execute_logged as execute
+from graphs import execute_logged as execute, with_plain_branch
 from graphs import insert_model_patch, workflow
 
 pytestmark = pytest.mark.host
@@ -178,10 +178,7 @@ def test_patches_stay_off_the_source_model_and_other_branches(host, checkpoints)
     patch or run state afterwards."""
     from comfy.patcher_extension import WrappersMP
     g = workflow(SD1, "ksampler", steps=STEPS)
-    g["zero"] = {"class_type": "LatentMultiply", "inputs": {"samples": ["sample", 0], "multiplier": 0.0}}
-    g["sample_b"] = {"class_type": "KSampler", "inputs": {**g["sample"]["inputs"], "model": ["ckpt", 0],
-                                                          "latent_image": ["zero", 0]}}
-    g["save_b"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sample_b", 0], "filename_prefix": "b"}}
+    with_plain_branch(g)
     session = host.Session()
     left = leftovers()
     run, reports, _ = execute(session, g)
