@@ -120,7 +120,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=48)
     ap.add_argument("--tune", action="store_true")
-    ap.add_argument("--tune-prompts", type=int, default=16)
+    ap.add_argument("--tune-prompts", type=int, default=48)
     ap.add_argument("--grid", type=json.loads, default=TUNING_GRID)
     ap.add_argument("--layout", type=json.loads, default={}, help="layout settings over the node's defaults")
     ap.add_argument("--strength", type=float, default=RELATION_SETTINGS["strength"])

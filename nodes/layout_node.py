@@ -15,7 +15,7 @@ from . import tokens
 CATEGORY = "conditioning/InfSplign"
 # Shipped defaults: chosen on the demo model's tuning prompts and seeds (demo/evaluate_boxes.py --tune).
 # (On those, with the maps read at temperature 32 as workflow e does; tuning_log in demo_world/.)
-DEFAULTS = {"injection": 6.0, "injection_end_percent": 0.3, "box_loss": "ilgd", "box_weight": 8.0,
+DEFAULTS = {"injection": 6.0, "injection_end_percent": 0.4, "box_loss": "ilgd", "box_weight": 12.0,
             "box_end_percent": 0.5}
 
 
