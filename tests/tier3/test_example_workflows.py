@@ -364,6 +364,29 @@ def test_generated_workflows_are_committed_and_laid_out_left_to_right():
             assert _box(nodes[src])[2] < nodes[dst]["pos"][0], (name, src, dst)
 
 
+def _widget_names(entry: dict) -> list[str]:
+    """A node's widget inputs (not sockets), in the order the frontend saves their values."""
+    specs = {**entry["input"].get("required", {}), **entry["input"].get("optional", {})}
+    order = entry["input_order"].get("required", []) + entry["input_order"].get("optional", [])
+    widget = ("INT", "FLOAT", "BOOLEAN", "STRING", "COMBO")
+    return [n for n in order if isinstance(specs[n][0], list) or specs[n][0] in widget]
+
+
+def test_workflows_at_the_nodes_defaults_carry_the_nodes_defaults(object_info):
+    """The generator's "at its defaults" values are the nodes' /object_info defaults, so a
+    tuned default cannot leave the example workflows behind."""
+    gen = _module("make_example_workflows", ROOT / "host" / "make_example_workflows.py")
+    layout = ["injection", "injection_end_percent", "box_loss", "box_weight", "box_end_percent"]
+    for node_type, values, names in (("InfSplignApply", gen.GUIDANCE_DEFAULTS, None),
+                                     ("InfSplignRefine", gen.REFINE_DEFAULTS, None),
+                                     ("InfSplignLayout", gen.LAYOUT_DEFAULTS, layout)):
+        entry = object_info[node_type]
+        names = names or _widget_names(entry)
+        specs = {**entry["input"].get("required", {}), **entry["input"].get("optional", {})}
+        defaults = [_options(specs[n])["default"] for n in names]
+        assert values == defaults, (node_type, dict(zip(names, values)), dict(zip(names, defaults)))
+
+
 def test_readme_names_every_workflow_and_its_model_files():
     readme = (FOLDER / "README.md").read_text()
     wf = ui_workflow()
