@@ -36,6 +36,9 @@ from . import memory_estimate, unet_layers
 log = logging.getLogger("infsplign")
 
 HEADROOM = 1.25  # the counted extra times this, plus MARGIN, must be free for `fast`
+# The design of a `fast` step's forward, "batched" or "split" (None: chosen per step, see
+# MemoryPlan.batched). Benchmarks and tests set it to measure one design on any device.
+FORCE_DESIGN: str | None = None
 MARGIN = 256 * 2**20  # what the count leaves out: ControlNet, other packs' patches, fragmentation
 OVERRIDE = "optimized_attention_override"
 INFERENCE_REFUSED = "Inference tensors cannot be saved for backward"
@@ -64,6 +67,18 @@ class MemoryPlan:
             self.extra[mode] = self.count(mode)
         return int(self.extra[mode] * HEADROOM) + MARGIN
 
+    def batched(self, mode: str) -> bool:
+        """Does a guided step in `mode` run the cond and uncond rows in one forward with
+        autograd? On a GPU in `fast` when its counted extra (the uncond rows' activations
+        kept too) fits the free memory: one forward instead of two, which on a GPU, where a
+        step costs what the host dispatches, is the cheaper step. On a CPU the second forward
+        costs less than a backward over twice the rows: split. `low` always splits."""
+        if FORCE_DESIGN is not None:
+            return FORCE_DESIGN == "batched" and mode == "fast"
+        if mode != "fast" or self.device.type == "cpu":
+            return False
+        return self.needed("fast+batched") <= mm.get_free_memory(self.device)
+
     def step_mode(self) -> str:
         """The mode of the next guided step ("unguided" once both modes ran out of memory)."""
         if self.fallback == "unguided":
@@ -80,10 +95,13 @@ def plan_run(model, store: CaptureStore, requested: str, noise_shape) -> MemoryP
     device = model.load_device
     batch, hw = int(noise_shape[0]), tuple(int(s) for s in noise_shape[2:4])
 
-    def count(mode: str) -> int:
-        # (two probe objects: the objects' maps are a few kilobytes of the count)
+    def count(key: str) -> int:
+        # key: "fast", "low" or "fast+batched"; (two probe objects: the objects' maps are a
+        # few kilobytes of the count)
+        mode, _, design = key.partition("+")
         return memory_estimate.estimate(model, batch, hw, mode, attention_kind(device), store.layers,
-                                        memory_estimate.PROBE_RELATIONS, store.relations.sequence_length).extra
+                                        memory_estimate.PROBE_RELATIONS, store.relations.sequence_length,
+                                        batched=design == "batched").extra
     return MemoryPlan(requested, device, count)
 
 
@@ -124,8 +142,9 @@ def more_memory_required(base_model, extra: int):
 
 
 @contextlib.contextmanager
-def guided_forward(inner_model, store: CaptureStore, mode: str, transformer_options: dict):
-    """The guided step's forward (and its backward, which runs inside guided_step) in `mode`."""
+def guided_forward(inner_model, store: CaptureStore, mode: str, transformer_options: dict, batched: bool = False):
+    """The guided step's forward (and its backward, which runs inside guided_step) in `mode`;
+    `batched`: the cond and uncond rows in one forward (MemoryPlan.batched)."""
     unet = inner_model.diffusion_model
     last = max(layer.block for layer in store.layers)
     if mode == "low":
@@ -141,11 +160,14 @@ def guided_forward(inner_model, store: CaptureStore, mode: str, transformer_opti
         store.replaying = on
     previous = transformer_options.get(OVERRIDE)
     transformer_options[OVERRIDE] = efficient_attention_on_cuda(previous)
+    # in `low` each captured layer's maps are computed inside its recomputed module
+    store.immediate, store.batched = mode == "low", batched
     try:
         with weights_frozen(inner_model), recomputing(units, snapshot=unet_layers.snapshot_options,
                                                       replaying=replaying):
             yield
     finally:
+        store.immediate = store.batched = False
         if previous is None:
             transformer_options.pop(OVERRIDE, None)
         else:

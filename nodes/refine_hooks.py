@@ -149,9 +149,9 @@ def continuous_wrapper(relations: SpatialRelations, settings: RefineSettings):
             return executor(x, timestep, model_options, seed)
         store = hooks.run_store(model_options, relations)
         sampling = executor.class_obj.model_patcher.get_model_object("model_sampling")
-        sigma = float(timestep.max())
+        sigma = hooks.step_sigma(timestep)
         objective, step = step_terms.with_continuous(Objective(), guidance, store, settings, sampling, sigma)
-        return hooks.guided_prediction(executor, x, timestep, model_options, seed, store, step, objective)
+        return hooks.guided_prediction(executor, x, timestep, model_options, seed, store, step, objective, sigma)
     return predict_noise
 
 

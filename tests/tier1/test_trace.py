@@ -66,11 +66,13 @@ def test_display_size_is_the_finest_map_capped():
 def test_a_run_records_steps_by_schedule_position():
     trace = Trace(RELS)
     run = trace.start(LossSettings(), guided=True)
-    assert run.record(14.6, SCHEDULE, layers(), True, True).index == 0
-    assert run.record(2.0000001, SCHEDULE, layers(), False, False).index == 2
+    assert run.record(14.6, SCHEDULE, layers(), True, True) == 0
+    assert run.record(2.0000001, SCHEDULE, layers(), False, False) == 2
     assert run.record(3.3, SCHEDULE, layers(), False, False) is None  # a sampler's sub-step
-    again = run.record(2.0, SCHEDULE, layers(1), False, False)  # a later prediction at the same sigma
-    assert sorted(run.steps) == [0, 2] and run.steps[2] is again and run.total_steps == 4
+    assert run.record(2.0, SCHEDULE, layers(1), False, False) == 2  # a later prediction at the same sigma
+    assert sorted(run.steps) == [0, 2] and run.total_steps == 4
+    assert run.steps[2].maps.shape[0] == 1 and run.steps[0].maps.shape[0] == 2  # the later one replaced it
+    assert run.steps[0].in_window and run.steps[0].applied and not run.steps[2].in_window
     assert [r.index for r in run.ordered()] == [0, 2]
     deltas = run.deltas(run.steps[0])
     assert deltas.shape == (2, 2)
@@ -121,6 +123,24 @@ def test_choose_steps():
         choose_steps("3", [0, 1, 2, 5])
     with pytest.raises(ValueError, match="no step number given"):
         choose_steps(" , ", range(8))
+
+
+def test_steps_recorded_as_groups_of_layers_summarise_like_single_layers():
+    """The capture hands the trace groups of layers (L, B, K, h, w); the summary is the one
+    of the same layers given one by one, and a step costs nothing until the run finishes."""
+    s = LossSettings(orthogonal="l2")
+    single = [("coarse", blob(2, 3, 8, 8, [(0.2, 0.3), (0.8, 0.6), (0.5, 0.9)])),
+              ("coarse", blob(2, 3, 8, 8, [(0.3, 0.3), (0.7, 0.5), (0.5, 0.8)])),
+              ("mid", blob(2, 3, 16, 16, [(0.2, 0.4), (0.8, 0.6), (0.4, 0.9)]))]
+    grouped = [("coarse", torch.stack([single[0][1], single[1][1]])), ("mid", single[2][1].unsqueeze(0))]
+    for a, b in zip(summarise(single, Trace(RELS).pairs, s), summarise(grouped, Trace(RELS).pairs, s)):
+        assert torch.allclose(a, b, atol=1e-6)
+    run = Trace(RELS).start(s, guided=True)
+    run.record(14.6, SCHEDULE, grouped, True, True)
+    run.record(6.0, SCHEDULE, grouped, False, False)
+    assert run._recorded and not run._steps  # kept as given until summarised
+    want = summarise(grouped, Trace(RELS).pairs, s)
+    assert torch.allclose(run.steps[1].loss, want[2], atol=1e-6) and not run._recorded
 
 
 def test_the_store_keeps_a_detached_copy_of_the_last_maps():
