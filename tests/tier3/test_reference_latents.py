@@ -11,7 +11,9 @@ ControlNet, layout boxes, InfSplign Refine, a batch of two and other loss settin
 - Runs whose computation is unchanged by design (plain, strength 0, capture only) must be
   bitwise equal to the reference when the machine computes as the recording one did
   (same torch version and CPU kernels); elsewhere the rounding tolerance below applies.
-- Guided runs: max |latent - reference| <= 1e-4 * max |reference| (float32).
+- Guided runs: max |latent - reference| <= 1e-4 * max |reference| (float32); also with the
+  cond and uncond rows in one forward with autograd (the design a GPU picks when memory
+  allows), against the same references.
 
 Record again (only when a change of results is intended, and say why in the commit):
     INFSPLIGN_RECORD_REFERENCES=1 .venv/bin/python -m pytest -q tests/tier3/test_reference_latents.py
@@ -156,3 +158,36 @@ def test_latents_equal_the_reference(run, reference, name):
         if os.environ.get("INFSPLIGN_SHOW_ERRORS"):
             print(f"\n{name}: max error {float(error):.3g} = {float(error / want.abs().max()):.2e} of max |latent|")
         assert error <= TOLERANCE * want.abs().max(), f"{name}: max error {error:.3g}, limit {TOLERANCE * want.abs().max():.3g}"
+
+
+ONE_FORWARD = ["sd1-ksampler-fast", "sd2v-custom-fast", "sdxl-ksampler-fast", "lora-custom-fast",
+               "controlnet-ksampler-fast", "boxes-custom-fast", "refine-stacked-ksampler", "batch2-custom-fast",
+               "settings-sd1-fast"]
+
+
+@pytest.fixture(scope="module")
+def one_forward_runner(host, checkpoints, model_files):  # noqa: F811
+    return Runner(host)
+
+
+@pytest.fixture
+def one_forward(one_forward_runner):
+    """A runner whose guided `fast` steps run the cond and uncond rows in one forward with
+    autograd (the design a GPU uses when memory allows; on a CPU it is forced here)."""
+    from test_robustness import loaded_pack
+    memory_modes = loaded_pack("nodes.memory_modes")
+    memory_modes.FORCE_DESIGN = "batched"
+    try:
+        yield one_forward_runner
+    finally:
+        memory_modes.FORCE_DESIGN = None
+
+
+@pytest.mark.skipif(RECORD, reason="recording the references")
+@pytest.mark.parametrize("name", ONE_FORWARD)
+def test_one_forward_design_gives_the_reference_latents(one_forward, reference, name):
+    res = one_forward(CASES[name][1]())
+    assert {r.forward for r in res.reports if hasattr(r, "forward") and r.applied} == {"batched"}
+    want = reference["latents"][name]
+    error = (res.latent.float() - want).abs().max()
+    assert error <= TOLERANCE * want.abs().max(), f"{name}: max error {error:.3g}"
