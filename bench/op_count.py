@@ -276,6 +276,7 @@ def measure(topology: str, session, count: Count, pack, only=()) -> dict:
         if only and name not in only:
             continue
         count.clear()
+        started = time.perf_counter()
         memory_modes.FORCE_DESIGN = design
         try:
             with counting(count), counting_refinement(count, pack("nodes.refine_hooks")):
@@ -284,6 +285,7 @@ def measure(topology: str, session, count: Count, pack, only=()) -> dict:
             memory_modes.FORCE_DESIGN = None
         if not run.success:
             raise RuntimeError(f"{topology} {name}: {run.error()}")
+        print(f"   {topology} {name}: {time.perf_counter() - started:.1f} s", flush=True)
         if steps == "refine":
             phases, per = [("refine", 0)], REFINE_ITERATIONS + 1  # Adam steps, and the loss at the result
         else:
