@@ -2,7 +2,8 @@
 
 Per recorded step: the objects' maps (mean over the captured layers, at one resolution of
 at most MAX_SIDE pixels a side), their centroids (the loss's own statistics, mean over
-layers), the loss and its spatial term per image, and whether the step was guided. Only
+layers), the loss and its spatial term per image, each term of the run's objective per image
+(relations, boxes, presence, separation: `term_losses`), and whether the step was guided. Only
 the first MAX_IMAGES images of a batch are kept, and a Trace keeps the last MAX_RUNS
 finished runs. Everything is a float32 CPU tensor or a number; nothing holds a graph.
 
@@ -22,8 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention_stats import at_least_float32, object_stats
+from .boxes import LayoutSettings, box_layer_loss
 from .capture import box_slots, object_slots
-from .losses import LossSettings, Pair, layer_loss, offsets
+from .losses import LossSettings, Objective, Pair, layer_loss, offsets
+from .presence import presence_loss, separation_loss
 from .relations import SpatialRelations
 
 MAX_RUNS = 8  # finished runs a Trace keeps
@@ -31,6 +34,7 @@ MAX_IMAGES = 8  # images of a batch whose maps and losses are kept
 MAX_SIDE = 32  # longest side of the kept maps
 SIGMA_TOLERANCE = 1e-4  # relative: a prediction's sigma is a schedule step's within this
 AUTO_STEPS = 6
+TERMS = ("relations", "boxes", "presence", "separation")  # the terms an Objective sums, in this order
 
 
 def object_names(relations: SpatialRelations) -> tuple[str, ...]:
@@ -85,6 +89,7 @@ class StepRecord:
     spatial: Tensor  # (B',) spatial term per image
     in_window: bool  # inside the guidance window (guided, or observed at strength 0)
     applied: bool  # guidance changed this step's prediction
+    terms: dict = field(default_factory=dict)  # term name (TERMS) -> (B',) its weighted value per image
 
 
 def summarise(layers: Sequence[tuple[str, Tensor]], pairs: Sequence[Pair], settings: LossSettings,
@@ -102,6 +107,33 @@ def summarise(layers: Sequence[tuple[str, Tensor]], pairs: Sequence[Pair], setti
     return maps.cpu(), centres.cpu(), loss.cpu(), spatial.cpu()
 
 
+def term_losses(layers: Sequence[tuple[str, Tensor]], objective: Objective, relations: Tensor,
+                max_images: int = MAX_IMAGES) -> dict[str, Tensor]:
+    """Each term of `objective` per image (B',), weighted as objective_loss sums it and
+    averaged over the layers: their sum is the objective's loss per image. `relations` is the
+    relations' terms per image at weight 1 (summarise's loss, on the same maps and pairs)."""
+    terms: dict[str, Tensor] = {}
+    if objective.has_relations:
+        terms["relations"] = objective.relation_weight * relations.cpu()
+    others = {name: [] for name, on in (("boxes", objective.has_boxes), ("presence", objective.has_presence),
+                                         ("separation", objective.has_separation)) if on}
+    if not others:
+        return terms
+    with torch.no_grad():
+        for _, m in layers:
+            m = at_least_float32(m.detach()[:max_images]).float()
+            if "boxes" in others:
+                others["boxes"].append(objective.box_weight * box_layer_loss(m, objective.box_slots, objective.boxes,
+                                                                             objective.box_loss))
+            if "presence" in others:
+                others["presence"].append(objective.presence * presence_loss(m, objective.objects))
+            if "separation" in others:
+                others["separation"].append(objective.separation * separation_loss(m, objective.objects))
+    for name, values in others.items():
+        terms[name] = torch.stack(values).mean(dim=0).cpu()
+    return terms
+
+
 @dataclass
 class RunTrace:
     """One sampling run, filled step by step while it samples; `fingerprint` once finished."""
@@ -117,6 +149,10 @@ class RunTrace:
     failed: str = ""  # why recording stopped, if it did
     boxes: tuple[tuple[int, tuple[float, float, float, float]], ...] = ()  # (map slot, x0, y0, x1, y1)
     refinement: object = None  # guidance.refine.RefineReport of InfSplign Refine's step, if it ran
+    # the terms that guide the run's steps, with the nodes' weights (None: the relations' alone);
+    # every recorded step gets each of them (StepRecord.terms), guided or observed
+    objective: Objective | None = None
+    layout: LayoutSettings | None = None  # InfSplign Layout Boxes' settings, when the run has boxes
 
     @property
     def total_steps(self) -> int:
@@ -140,7 +176,8 @@ class RunTrace:
             return None
         self.batch = max(self.batch, layers[0][1].shape[0])
         maps, centres, loss, spatial = summarise(layers, self.pairs, self.settings)
-        rec = StepRecord(index, sigma, maps, centres, loss, spatial, in_window, applied)
+        terms = term_losses(layers, self.objective if self.objective is not None else Objective(self.pairs), loss)
+        rec = StepRecord(index, sigma, maps, centres, loss, spatial, in_window, applied, terms)
         self.steps[index] = rec
         return rec
 
@@ -160,11 +197,14 @@ class Trace:
         self.objects = object_names(relations)
         self.pairs = object_slots(relations)[1]
         self.boxes = tuple(zip(box_slots(relations), (b.box.corners for b in relations.boxes)))
+        self.layout = relations.layout if relations.boxes else None
         self.runs: deque[RunTrace] = deque(maxlen=max_runs)
 
-    def start(self, settings: LossSettings, guided: bool) -> RunTrace:
-        """A run to fill; it joins the trace only through `finish`."""
-        return RunTrace(self.objects, self.pairs, settings, guided, boxes=self.boxes)
+    def start(self, settings: LossSettings, guided: bool, objective: Objective | None = None) -> RunTrace:
+        """A run to fill; it joins the trace only through `finish`. `objective`: the terms
+        that guide its steps (default: the relations')."""
+        return RunTrace(self.objects, self.pairs, settings, guided, boxes=self.boxes, objective=objective,
+                        layout=self.layout)
 
     def finish(self, run: RunTrace, output: Tensor) -> None:
         run.fingerprint = fingerprint(output)
