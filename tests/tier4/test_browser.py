@@ -27,7 +27,7 @@ import pytest
 pytestmark = [pytest.mark.host, pytest.mark.server]
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKFLOW = ROOT / "example_workflows" / "d_demo_model_unguided_vs_guided.json"
+WORKFLOW = ROOT / "example_workflows" / "d - Demo model, unguided vs InfSplign.json"
 SCRIPT = ROOT / "tests" / "browser" / "ui_check.mjs"
 MODULES = ROOT / ".host" / "browser" / "node_modules"
 CHROMIUM = Path(os.environ.get("INFSPLIGN_CHROMIUM", "/usr/bin/chromium"))
