@@ -132,6 +132,18 @@ def view(nodes: list[dict]) -> dict:
                                        math.ceil((FREE[1] / scale - y0) * 10) / 10]}
 
 
+def template_view(nodes: list[dict]) -> dict:
+    """The view frontend 1.49 opens a template at (it ignores extra.ds there): the nodes'
+    bounds, title bars and 10 px around included, fitted into 75 % of the 1920 x 1080 window
+    and centred (LGraphCanvas.ds.fitToBounds)."""
+    x0 = min(n["pos"][0] for n in nodes) - 10
+    y0 = min(n["pos"][1] - TITLE for n in nodes) - 10
+    w = max(n["pos"][0] + n["size"][0] for n in nodes) + 10 - x0
+    h = max(n["pos"][1] + n["size"][1] for n in nodes) + 10 - y0
+    scale = min(0.75 * 1920 / max(w, 300), 0.75 * 1080 / max(h, 300))
+    return {"scale": scale, "offset": [-x0 - w / 2 + 1920 / scale / 2, -y0 - h / 2 + 1080 / scale / 2]}
+
+
 # Columns (x) and node sizes shared by the three workflows.
 X = [40, 420, 800, 1180, 1560, 1820]
 NEGATIVE = "blurry, low quality, deformed, watermark, text"
@@ -214,7 +226,7 @@ def sdxl_guider_custom_sampler() -> dict:
 
 def sd15_lora_controlnet() -> dict:
     w = Workflow("InfSplign on SD1.5 next to a LoRA and a canny ControlNet.")
-    x = [40, 420, 800, 1180, 1560, 1940, 2200]
+    x = [40, 400, 760, 1120, 1480, 1840, 2090]
     ckpt = w.node("CheckpointLoaderSimple", (x[0], 80), (320, 100), ["v1-5-pruned-emaonly.safetensors"])
     lora = w.node("LoraLoader", (x[1], 80), (320, 130), ["your_sd15_lora.safetensors", 1.0, 1.0])
     t = prompt_and_parse(w, (lora, 1), "a cat to the left of a dog", x[2], 230)
@@ -232,7 +244,7 @@ def sd15_lora_controlnet() -> dict:
     apply = w.node("InfSplignApply", (x[3], 330), (320, 310), list(GUIDANCE_DEFAULTS))
     sampler = w.node("KSampler", (x[4], 80), (320, 270), [42, "fixed", 20, 7.0, "euler", "normal", 1.0])
     decode = w.node("VAEDecode", (x[5], 80), (210, 50))
-    save = w.node("SaveImage", (x[6], 80), (420, 460), ["infsplign/sd15_lora_controlnet"])
+    save = w.node("SaveImage", (x[6], 80), (300, 460), ["infsplign/sd15_lora_controlnet"])
     w.link(ckpt, 0, lora, "model")
     w.link(ckpt, 1, lora, "clip")
     w.link(image, 0, canny, "image")
@@ -257,23 +269,24 @@ def demo_model_layout_boxes() -> dict:
     text = "a red circle and a blue square"
     boxes = json.dumps([{"object": "red circle", "box": [0.06, 0.08, 0.4, 0.42]},
                         {"object": "blue square", "box": [0.58, 0.55, 0.92, 0.89]}])
-    model = w.node("InfSplignDemoModelLoader", (X[0], 80), (320, 100), ["default"])
-    prompt = w.node("PrimitiveStringMultiline", (X[0], 230), (320, 130), [text], title="Prompt")
-    w.note((X[0], 410), (320, 300),
+    x = [40, 370, 700, 1090, 1420, 1750, 1980]  # narrower columns: the graph fits a window at zoom 0.65
+    model = w.node("InfSplignDemoModelLoader", (x[0], 80), (300, 100), ["default"])
+    prompt = w.node("PrimitiveStringMultiline", (x[0], 230), (300, 130), [text], title="Prompt")
+    w.note((x[0], 410), (300, 310),
            "**Layout boxes on the demo model**\n\nNeeds no model file. Draw a box per object on "
            "*InfSplign Layout Boxes* (drag on the frame; pick the object above it; drag a box to move it, "
            "its corner to resize, double-click to delete): the boxes go into its `boxes` text as JSON. "
            "Early steps bias each object's attention toward its box (injection), later ones pull it in "
            "with the box loss. The preview draws the boxes over the maps.")
-    pos = w.node("CLIPTextEncode", (X[1], 80), (320, 90), [text], title="Positive")
-    neg = w.node("CLIPTextEncode", (X[1], 220), (320, 90), [""], title="Negative")
-    latent = w.node("EmptyLatentImage", (X[1], 360), (320, 110), [128, 128, 4])
-    layout = w.node("InfSplignLayout", (X[2], 80), (360, 640), [text, boxes, *LAYOUT_DEFAULTS, 128, 128])
-    apply = w.node("InfSplignApply", (1200, 80), (320, 310), list(LAYOUT_GUIDANCE))
-    sampler = w.node("KSampler", (1560, 80), (320, 270), [7, "fixed", 20, 5.0, "euler", "normal", 1.0])
-    decode = w.node("VAEDecode", (1920, 80), (210, 50))
-    save = w.node("SaveImage", (2170, 80), (420, 420), ["infsplign_demo/layout_boxes"])
-    preview = w.node("InfSplignAttentionPreview", (1920, 560), (670, 520), ["auto", 128],
+    pos = w.node("CLIPTextEncode", (x[1], 80), (300, 90), [text], title="Positive")
+    neg = w.node("CLIPTextEncode", (x[1], 220), (300, 90), [""], title="Negative")
+    latent = w.node("EmptyLatentImage", (x[1], 360), (300, 110), [128, 128, 4])
+    layout = w.node("InfSplignLayout", (x[2], 80), (360, 640), [text, boxes, *LAYOUT_DEFAULTS, 128, 128])
+    apply = w.node("InfSplignApply", (x[3], 80), (300, 310), list(LAYOUT_GUIDANCE))
+    sampler = w.node("KSampler", (x[4], 80), (300, 270), [7, "fixed", 20, 5.0, "euler", "normal", 1.0])
+    decode = w.node("VAEDecode", (x[5], 80), (200, 50))
+    save = w.node("SaveImage", (x[6], 80), (250, 250), ["infsplign_demo/layout_boxes"])
+    preview = w.node("InfSplignAttentionPreview", (x[5], 380), (480, 340), ["auto", 128],
                      title="Attention preview (boxes drawn)")
     for node in (pos, neg, layout):
         w.link(model, 1, node, "clip")
@@ -319,7 +332,7 @@ def demo_model_refine() -> dict:
     decode_refined = w.node("VAEDecode", (1540, 420), (210, 50))
     save_plain = w.node("SaveImage", (1790, 80), (420, 300), ["infsplign_demo/unrefined"])
     save_refined = w.node("SaveImage", (1790, 420), (420, 300), ["infsplign_demo/refined"])
-    preview = w.node("InfSplignAttentionPreview", (1540, 770), (900, 700), ["auto", 128],
+    preview = w.node("InfSplignAttentionPreview", (1540, 770), (650, 560), ["auto", 128],
                      title="Attention preview (refined run)")
     for node in (pos, neg, parse):
         w.link(model, 1, node, "clip")

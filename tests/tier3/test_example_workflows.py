@@ -368,21 +368,26 @@ def test_generated_workflows_are_committed_and_laid_out_left_to_right():
 
 
 def test_saved_views_show_the_whole_graph_in_a_1920_by_1080_window():
-    """Opened (Templates or dropped on the canvas) in a 1920 x 1080 window, every node, title bar
-    included, lies where the frontend's side bar, top bars and minimap do not cover it
-    (host/make_example_workflows.FREE, MINIMAP; tests/tier4 checks it in the real frontends),
-    at a zoom where the frontend still draws node text (0.6 and above)."""
+    """Opened in a 1920 x 1080 window, every node, title bar included, lies where the
+    frontend's side bar, top bars and minimap do not cover it (host/make_example_workflows.FREE,
+    MINIMAP; tests/tier4 checks it in the real frontends), at a zoom where the frontend still
+    draws node text (0.6 and above): at the saved view (a dropped file; Templates on frontend
+    1.32) and at the view frontend 1.49 opens a template at (the graph fitted to the window)."""
     gen = _module("make_example_workflows", ROOT / "host" / "make_example_workflows.py")
     for path in FILES:
         workflow = json.loads(path.read_text())
-        ds = workflow["extra"]["ds"]
-        scale, (ox, oy) = ds["scale"], ds["offset"]
-        assert 0.6 <= scale <= 1, (path.name, scale)
-        for n in workflow["nodes"]:
-            x0, y0, x1, y1 = ((v + o) * scale for v, o in zip(_box(n), (ox, oy, ox, oy)))
-            where = f"{path.name}: node {n['id']} at {[round(v) for v in (x0, y0, x1, y1)]}"
-            assert gen.FREE[0] <= x0 and gen.FREE[1] <= y0 and x1 <= gen.FREE[2] and y1 <= gen.FREE[3], where
-            assert not (x1 > gen.MINIMAP[0] and y1 > gen.MINIMAP[1]), f"{where}: under the minimap"
+        for how, ds in (("saved view", workflow["extra"]["ds"]), ("1.49 template view", gen.template_view(workflow["nodes"]))):
+            _check_view(f"{path.name} ({how})", workflow, ds, gen)
+
+
+def _check_view(name: str, workflow: dict, ds: dict, gen) -> None:
+    scale, (ox, oy) = ds["scale"], ds["offset"]
+    assert 0.6 <= scale <= 1, (name, scale)
+    for n in workflow["nodes"]:
+        x0, y0, x1, y1 = ((v + o) * scale for v, o in zip(_box(n), (ox, oy, ox, oy)))
+        where = f"{name}: node {n['id']} at {[round(v) for v in (x0, y0, x1, y1)]}"
+        assert gen.FREE[0] <= x0 and gen.FREE[1] <= y0 and x1 <= gen.FREE[2] and y1 <= gen.FREE[3], where
+        assert not (x1 > gen.MINIMAP[0] and y1 > gen.MINIMAP[1]), f"{where}: under the minimap"
 
 
 def test_every_workflow_has_a_thumbnail_made_from_it():
