@@ -189,8 +189,9 @@ class Objective:
 @dataclass
 class Terms:
     """One step's loss, and its terms per image (B,) as the loss weighs them, each the mean
-    over the captured layers: "spatial" (the relations' spatial term alone, the thesis'
-    loss-reduction measure), "boxes", "presence", "separation" (those present)."""
+    over the captured layers: "relations" (all the relations' terms, times relation_weight),
+    "spatial" (their spatial term alone, the thesis' loss-reduction measure), "boxes",
+    "presence", "separation" (those present)."""
 
     loss: Tensor
     per_image: dict[str, Tensor]
@@ -211,10 +212,11 @@ def objective_terms(layers: Sequence[tuple[str, Tensor]], objective: Objective, 
     for level, maps in layers:
         maps = at_least_float32(_layers(maps))
         total, spatial = relation_terms(maps, objective.pairs, level, s)
-        if objective.pairs:
-            part("spatial", spatial)
         if objective.relation_weight != 1.0:
             total = objective.relation_weight * total
+        if objective.pairs:
+            part("spatial", spatial)
+            part("relations", total)
         if objective.has_presence:
             term = objective.presence * _per_image(presence_loss, maps, objective.objects)
             part("presence", term)

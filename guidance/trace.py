@@ -2,7 +2,8 @@
 
 Per recorded step: the objects' maps (mean over the captured layers, at one resolution of
 at most MAX_SIDE pixels a side), their centroids (the loss's own statistics, mean over
-layers), the loss and its spatial term per image, and whether the step was guided. Only
+layers), the loss and its spatial term per image, each term of the run's objective per image
+(relations, boxes, presence, separation: `term_losses`), and whether the step was guided. Only
 the first MAX_IMAGES images of a batch are kept, and a Trace keeps the last MAX_RUNS
 finished runs. While a run samples, each step's maps stay as the capture computed them
 (detached, on their device); when it finishes they are summarised, all steps together,
@@ -24,8 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention_stats import at_least_float32, object_stats
+from .boxes import LayoutSettings
 from .capture import box_slots, object_slots
-from .losses import LossSettings, Pair, layer_loss, offsets
+from .losses import LossSettings, Objective, Pair, layer_loss, objective_terms, offsets
 from .relations import SpatialRelations
 
 MAX_RUNS = 8  # finished runs a Trace keeps
@@ -33,6 +35,7 @@ MAX_IMAGES = 8  # images of a batch whose maps and losses are kept
 MAX_SIDE = 32  # longest side of the kept maps
 SIGMA_TOLERANCE = 1e-4  # relative: a prediction's sigma is a schedule step's within this
 AUTO_STEPS = 6
+TERMS = ("relations", "boxes", "presence", "separation")  # the terms an Objective sums, in this order
 
 
 def object_names(relations: SpatialRelations) -> tuple[str, ...]:
@@ -87,6 +90,7 @@ class StepRecord:
     spatial: Tensor  # (B',) spatial term per image
     in_window: bool  # inside the guidance window (guided, or observed at strength 0)
     applied: bool  # guidance changed this step's prediction
+    terms: dict = field(default_factory=dict)  # term name (TERMS) -> (B',) its weighted value per image
 
 
 def summarise(layers: Sequence[tuple[str, Tensor]], pairs: Sequence[Pair], settings: LossSettings,
@@ -115,8 +119,7 @@ def summarise_steps(steps: Sequence[Sequence[tuple[str, Tensor]]], pairs: Sequen
     over the captured layers, float32 on the CPU."""
     spatial_only = replace(settings, orthogonal="none", presence_weight=0.0, balance_weight=0.0)
     with torch.no_grad():
-        groups = [(level, at_least_float32(torch.stack([step[g][1] for step in steps])).float())
-                  for g, (level, _) in enumerate(steps[0])]  # (S, L, B', K, h, w) per group
+        groups = [(level, at_least_float32(m).float()) for level, m in _stacked_steps(steps)]
         layers = sum(m.shape[1] for _, m in groups)
         loss = sum(layer_loss(m, pairs, level, settings).sum(dim=1) for level, m in groups) / layers
         spatial = sum(layer_loss(m, pairs, level, spatial_only).sum(dim=1) for level, m in groups) / layers
@@ -124,6 +127,32 @@ def summarise_steps(steps: Sequence[Sequence[tuple[str, Tensor]]], pairs: Sequen
         size = display_size([tuple(m.shape[-2:]) for _, m in groups])
         maps = sum(_resampled(m, size).sum(dim=1) for _, m in groups) / layers
     return maps.cpu(), centres.cpu(), loss.cpu(), spatial.cpu()
+
+
+def term_losses(layers: Sequence[tuple[str, Tensor]], objective: Objective, settings: LossSettings,
+                max_images: int = MAX_IMAGES) -> dict[str, Tensor]:
+    """Each term of `objective` per image (B',) (TERMS: relations, boxes, presence,
+    separation; those it has), weighted as the objective's loss sums it and averaged over the
+    layers: their sum is the objective's loss per image. `layers`: [(level, maps)] of one
+    layer (B, K, h, w) or a group (L, B, K, h, w) each; `settings`: the relations' loss."""
+    groups = [(level, m.unsqueeze(0)) for level, m in _grouped(layers, max_images)]  # (S=1, L, B', ...)
+    return {name: t[0] for name, t in _terms(groups, objective, settings).items()}
+
+
+def _terms(groups: Sequence[tuple[str, Tensor]], objective: Objective, settings: LossSettings) -> dict[str, Tensor]:
+    """term_losses of S steps at once, groups (S, L, B', K, h, w) -> {term: (S, B')}."""
+    s, b = groups[0][1].shape[0], groups[0][1].shape[2]
+    with torch.no_grad():
+        flat = [(level, at_least_float32(m.transpose(0, 1).reshape(m.shape[1], s * b, *m.shape[3:])).float())
+                for level, m in groups]  # (L, S*B', K, h, w): the steps' images side by side
+        per_image = objective_terms(flat, objective, settings).per_image
+    return {name: per_image[name].view(s, b).cpu() for name in TERMS if name in per_image and (
+        name != "relations" or objective.has_relations)}
+
+
+def _stacked_steps(steps: Sequence[Sequence[tuple[str, Tensor]]]) -> list[tuple[str, Tensor]]:
+    """Steps of equal group shapes as groups (level, (S, L, B', K, h, w))."""
+    return [(level, torch.stack([step[g][1] for step in steps])) for g, (level, _) in enumerate(steps[0])]
 
 
 def _resampled(maps: Tensor, size: tuple[int, int]) -> Tensor:
@@ -161,6 +190,10 @@ class RunTrace:
     failed: str = ""  # why recording stopped, if it did
     boxes: tuple[tuple[int, tuple[float, float, float, float]], ...] = ()  # (map slot, x0, y0, x1, y1)
     refinement: object = None  # guidance.refine.RefineReport of InfSplign Refine's step, if it ran
+    # the terms that guide the run's steps, with the nodes' weights (None: the relations' alone);
+    # every recorded step gets each of them (StepRecord.terms), guided or observed
+    objective: Objective | None = None
+    layout: LayoutSettings | None = None  # InfSplign Layout Boxes' settings, when the run has boxes
     _recorded: dict[int, _Recorded] = field(default_factory=dict)
     _steps: dict[int, StepRecord] = field(default_factory=dict)
 
@@ -205,11 +238,14 @@ class RunTrace:
         for rec in recorded.values():
             shape = tuple((level, tuple(m.shape)) for level, m in rec.layers)
             classes.setdefault(shape, []).append(rec)
+        objective = self.objective if self.objective is not None else Objective(self.pairs)
         for recs in classes.values():
-            maps, centres, loss, spatial = summarise_steps([r.layers for r in recs], self.pairs, self.settings)
+            steps = [r.layers for r in recs]
+            maps, centres, loss, spatial = summarise_steps(steps, self.pairs, self.settings)
+            terms = _terms(_stacked_steps(steps), objective, self.settings)
             for i, r in enumerate(recs):
                 self._steps[r.index] = StepRecord(r.index, r.sigma, maps[i], centres[i], loss[i], spatial[i],
-                                                  r.in_window, r.applied)
+                                                  r.in_window, r.applied, {n: t[i] for n, t in terms.items()})
 
     def ordered(self) -> list[StepRecord]:
         steps = self.steps
@@ -228,11 +264,14 @@ class Trace:
         self.objects = object_names(relations)
         self.pairs = object_slots(relations)[1]
         self.boxes = tuple(zip(box_slots(relations), (b.box.corners for b in relations.boxes)))
+        self.layout = relations.layout if relations.boxes else None
         self.runs: deque[RunTrace] = deque(maxlen=max_runs)
 
-    def start(self, settings: LossSettings, guided: bool) -> RunTrace:
-        """A run to fill; it joins the trace only through `finish`."""
-        return RunTrace(self.objects, self.pairs, settings, guided, boxes=self.boxes)
+    def start(self, settings: LossSettings, guided: bool, objective: Objective | None = None) -> RunTrace:
+        """A run to fill; it joins the trace only through `finish`. `objective`: the terms
+        that guide its steps (default: the relations')."""
+        return RunTrace(self.objects, self.pairs, settings, guided, boxes=self.boxes, objective=objective,
+                        layout=self.layout)
 
     def finish(self, run: RunTrace, output: Tensor) -> None:
         run.summarise()

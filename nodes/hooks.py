@@ -145,7 +145,8 @@ def capture_wrapper(relations: SpatialRelations, layers: tuple[Layer, ...]):
         # shows what the loss saw
         temperature = settings.loss.temperature if settings else refine.temperature if refine else 1.0
         store = CaptureStore(relations, layers, temperature=temperature)
-        run = trace.start(settings.loss if settings is not None else LossSettings(), guided=settings is not None)
+        run = trace.start(settings.loss if settings is not None else LossSettings(), guided=settings is not None,
+                          objective=step_terms.run_objective(store, settings, refine))
         # capture only records each step itself; InfSplign Refine's `continuous` records its own
         _install_capture(guider.model_options, store, run,
                          observe=settings is None and not (refine is not None and refine.continuous))

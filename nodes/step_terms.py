@@ -44,6 +44,24 @@ def step_objective(store: CaptureStore, settings: GuidanceSettings, sampling, si
                      layout.box_weight)
 
 
+def run_objective(store: CaptureStore, settings: GuidanceSettings | None, refine: RefineSettings | None) -> Objective:
+    """Every term that guides a run, with the weights the nodes set (strengths aside), for
+    the Attention Preview's loss plot: the relations' (InfSplign's guidance, or InfSplign
+    Refine's `spatial` weight), the boxes', and InfSplign Refine's presence and separation
+    (its refined step, and every step with `continuous`). A run with none of them (Attention
+    Capture Patch alone) shows its relations' and boxes' terms, observed."""
+    relations, layout = store.relations, store.relations.layout
+    weight = refine.spatial if settings is None and refine is not None else 1.0
+    objective = Objective(store.pairs, relation_weight=weight)
+    if relations.boxes and layout.box_loss != "none" and layout.box_weight > 0:
+        objective = replace(objective, box_slots=box_slots(relations), boxes=tuple(b.box for b in relations.boxes),
+                            box_loss=layout.box_loss, box_weight=layout.box_weight)
+    if refine is not None:
+        objective = replace(objective, objects=tuple(range(len(store.groups))), presence=refine.presence,
+                            separation=refine.separation)
+    return objective
+
+
 def set_injection(store: CaptureStore, sampling, sigma: float) -> None:
     """Turn the store's attention injection on for a step inside the injection window."""
     layout = store.relations.layout

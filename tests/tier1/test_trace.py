@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from infsplign.guidance.capture import CaptureStore, Layer
-from infsplign.guidance.losses import LossSettings, Pair, step_loss
+from infsplign.guidance.boxes import Box
+from infsplign.guidance.losses import LossSettings, Objective, Pair, objective_loss, step_loss
 from infsplign.guidance.relations import BoundRelation, Relation, SpatialRelations
 from infsplign.guidance.trace import (MAX_IMAGES, MAX_SIDE, Trace, choose_steps, display_size, fingerprint,
-                                      object_names, resample, summarise)
+                                      object_names, resample, summarise, term_losses)
 
 RELS = SpatialRelations((BoundRelation(Relation("red cat", "left", "dog"), (2, 3), (6,)),
                          BoundRelation(Relation("red cat", "above", "car"), (2, 3), (9,))),
@@ -43,6 +44,27 @@ def test_summary_is_the_step_loss_per_image_and_the_centroids_the_loss_sees():
     assert centres[0, 1].tolist() == pytest.approx([0.8, 0.6], abs=0.02)
     assert (spatial < loss).all()  # the loss adds the orthogonal and presence/balance terms
     assert maps.device.type == "cpu" and maps.dtype == torch.float32 and not maps.requires_grad
+
+
+@pytest.mark.parametrize("which", ["relations", "boxes", "all four"])
+def test_the_terms_add_up_to_the_objectives_loss(which):
+    """term_losses splits objective_loss per image: each term weighted as the loss weights
+    it, their sum the loss; only the terms the objective has."""
+    s = LossSettings(orthogonal="l2")
+    ls = layers()
+    pairs = Trace(RELS).pairs
+    boxes = dict(box_slots=(0, 1), boxes=(Box("red cat", 0.0, 0.0, 0.4, 0.5), Box("dog", 0.6, 0.5, 1.0, 1.0)),
+                 box_loss="ilgd", box_weight=12.0)
+    objective = {"relations": Objective(pairs, relation_weight=0.5),
+                 "boxes": Objective((), **boxes),
+                 "all four": Objective(pairs, **boxes, objects=(0, 1, 2), presence=1.0, separation=0.5)}[which]
+    terms = term_losses(ls, objective, s)
+    want = {"relations": ["relations"], "boxes": ["boxes"],
+            "all four": ["relations", "boxes", "presence", "separation"]}[which]
+    assert list(terms) == want
+    assert all(t.shape == (2,) and (t > 0).all() for t in terms.values())
+    total = sum(terms.values())
+    assert float(total.sum()) == pytest.approx(float(objective_loss(ls, objective, s)), rel=1e-5)
 
 
 def test_summary_keeps_the_first_images_and_no_graph():
