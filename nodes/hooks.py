@@ -212,7 +212,8 @@ def guided_prediction(executor, x, timestep, model_options, seed, store: Capture
 
     def guided(mode: str):
         batched = plan.batched(mode)
-        with memory_modes.guided_forward(guider.inner_model, store, mode, options, batched=batched):
+        with memory_modes.guided_forward(guider.inner_model, store, mode, options, batched=batched,
+                                         copy_everywhere=plan.copy_everywhere):
             # On a guided step the sampler's sigma, an inference tensor, is given as a normal
             # copy: post-CFG and cfg functions (RescaleCFG) compute with it and the latent.
             denoised, report = guided_step(

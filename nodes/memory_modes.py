@@ -59,6 +59,9 @@ class MemoryPlan:
     extra: dict[str, int] = field(default_factory=dict)  # the counts made so far
     reserved: str = ""  # the mode whose extra was added to ComfyUI's reservation
     fallback: str = ""  # "low" after an out-of-memory error in fast, "unguided" after one in low
+    # after autograd refused an inference tensor: `low` copies those of every operation it
+    # recomputes, not only of modules whose own weights are inference tensors
+    copy_everywhere: bool = False
     warned: str = ""  # the last warning given for this run's memory (each is given once)
 
     def needed(self, mode: str) -> int:
@@ -142,9 +145,11 @@ def more_memory_required(base_model, extra: int):
 
 
 @contextlib.contextmanager
-def guided_forward(inner_model, store: CaptureStore, mode: str, transformer_options: dict, batched: bool = False):
+def guided_forward(inner_model, store: CaptureStore, mode: str, transformer_options: dict, batched: bool = False,
+                   copy_everywhere: bool = False):
     """The guided step's forward (and its backward, which runs inside guided_step) in `mode`;
-    `batched`: the cond and uncond rows in one forward (MemoryPlan.batched)."""
+    `batched`: the cond and uncond rows in one forward (MemoryPlan.batched);
+    `copy_everywhere`: MemoryPlan.copy_everywhere."""
     unet = inner_model.diffusion_model
     last = max(layer.block for layer in store.layers)
     if mode == "low":
@@ -164,7 +169,9 @@ def guided_forward(inner_model, store: CaptureStore, mode: str, transformer_opti
     store.immediate, store.batched = mode == "low", batched
     try:
         with weights_frozen(inner_model), recomputing(units, snapshot=unet_layers.snapshot_options,
-                                                      replaying=replaying):
+                                                      replaying=replaying,
+                                                      per_operation=(lambda m: True) if copy_everywhere
+                                                      else holds_inference_weights):
             yield
     finally:
         store.immediate = store.batched = False
@@ -172,6 +179,14 @@ def guided_forward(inner_model, store: CaptureStore, mode: str, transformer_opti
             transformer_options.pop(OVERRIDE, None)
         else:
             transformer_options[OVERRIDE] = previous
+
+
+def holds_inference_weights(module: torch.nn.Module) -> bool:
+    """Does a recomputed module compute with weights that may be inference tensors (fetched
+    per call, or left so)? Then each of its operations gets normal copies (recompute.py);
+    else only its call arguments do."""
+    return any(unet_layers.streams_weights(m) or any(p.is_inference() for p in m.parameters(recurse=False))
+               for m in module.modules())
 
 
 def efficient_attention_on_cuda(previous=None, wants=lambda q: q.device.type == "cuda"):
@@ -220,6 +235,7 @@ def step_with_fallback(plan: MemoryPlan, mode: str, guided, unguided, size: str)
             if not (refused or is_oom(e)):
                 raise
             failed.append((attempt, (str(e).splitlines() or [type(e).__name__])[0][:160]))
+            plan.copy_everywhere = plan.copy_everywhere or refused
         else:
             report.memory_mode = attempt
             if failed:

@@ -72,7 +72,8 @@ def refine_at(guider, store, x: torch.Tensor, sigma: torch.Tensor, k: int, setti
 
     def burst(mode: str):
         report.losses.clear()
-        with memory_modes.guided_forward(inner, store, mode, options):
+        with memory_modes.guided_forward(inner, store, mode, options,
+                                         copy_everywhere=plan is not None and plan.copy_everywhere):
             return refine_latent(loss_at, x, float(sigma), settings.iterations, settings.learning_rate,
                                  float(getattr(sampling, "sigma_data", 1.0)), report)
 
