@@ -145,6 +145,7 @@ class CaptureStore:
     _rows: dict = field(default_factory=dict)  # (rows, device) -> index tensor
     _boxes: dict = field(default_factory=dict)  # (h, w, device) -> (columns, masks (J, N))
     sigma_at: dict = field(default_factory=dict)  # schedule percent -> sigma, read once per run
+    cache: dict = field(default_factory=dict)  # the model's module lists, walked once per run
 
     def __post_init__(self):
         self.groups, self.pairs = object_slots(self.relations)

@@ -152,14 +152,15 @@ def guided_forward(inner_model, store: CaptureStore, mode: str, transformer_opti
     `copy_everywhere`: MemoryPlan.copy_everywhere."""
     unet = inner_model.diffusion_model
     last = max(layer.block for layer in store.layers)
+    walked = _walked(store, inner_model, last)
     if mode == "low":
-        units = unet_layers.recompute_units(unet, last)
+        units = walked["units"]
     else:
-        units = [m for m in unet_layers.graph_modules(unet, last) if unet_layers.streams_weights(m)]
+        units = [m for m in walked["graph"] if unet_layers.streams_weights(m)]
     # Resident weights become normal tensors once (the same values, no copy kept: the module
     # holds the new ones); weights fetched per call are left alone (cloning them would copy
     # an offloaded model), and recomputed modules copy what they still get per operation.
-    make_autograd_safe(inner_model, skip=unet_layers.streams_weights)
+    make_autograd_safe(inner_model, skip=unet_layers.streams_weights, modules=walked["all"])
 
     def replaying(on: bool) -> None:
         store.replaying = on
@@ -168,10 +169,10 @@ def guided_forward(inner_model, store: CaptureStore, mode: str, transformer_opti
     # in `low` each captured layer's maps are computed inside its recomputed module
     store.immediate, store.batched = mode == "low", batched
     try:
-        with weights_frozen(inner_model), recomputing(units, snapshot=unet_layers.snapshot_options,
+        with weights_frozen(inner_model, walked["all"]), recomputing(units, snapshot=unet_layers.snapshot_options,
                                                       replaying=replaying,
                                                       per_operation=(lambda m: True) if copy_everywhere
-                                                      else holds_inference_weights):
+                                                      else lambda m: holds_inference_weights(walked["inside"].get(m) or [m])):
             yield
     finally:
         store.immediate = store.batched = False
@@ -181,12 +182,24 @@ def guided_forward(inner_model, store: CaptureStore, mode: str, transformer_opti
             transformer_options[OVERRIDE] = previous
 
 
-def holds_inference_weights(module: torch.nn.Module) -> bool:
-    """Does a recomputed module compute with weights that may be inference tensors (fetched
-    per call, or left so)? Then each of its operations gets normal copies (recompute.py);
-    else only its call arguments do."""
-    return any(unet_layers.streams_weights(m) or any(p.is_inference() for p in m.parameters(recurse=False))
-               for m in module.modules())
+def _walked(store: CaptureStore, inner_model, last: int) -> dict:
+    """The model's module lists a guided step needs, walked once per run (the tree does not
+    change during a run; what its weights are is checked on every step)."""
+    key = ("modules", id(inner_model), last)
+    if key not in store.cache:
+        unet = inner_model.diffusion_model
+        units = unet_layers.recompute_units(unet, last)
+        store.cache[key] = {"all": list(inner_model.modules()), "graph": unet_layers.graph_modules(unet, last),
+                            "units": units, "inside": {m: list(m.modules()) for m in units}}
+    return store.cache[key]
+
+
+def holds_inference_weights(modules) -> bool:
+    """Does a recomputed module (its modules, itself included) compute with weights that may
+    be inference tensors (fetched per call, or left so)? Then each of its operations gets
+    normal copies (recompute.py); else only its call arguments do."""
+    return any(unet_layers.streams_weights(m) or any(p is not None and p.is_inference() for p in m._parameters.values())
+               for m in modules)
 
 
 def efficient_attention_on_cuda(previous=None, wants=lambda q: q.device.type == "cuda"):
