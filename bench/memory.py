@@ -6,7 +6,9 @@
 For SD1.5 512 px, SD2.1 768 px, SDXL 1024 px and 832 x 1216, fp16, batch 1 and 4: the peak
 of a plain step (one forward of the cond and uncond rows without autograd), and per memory
 mode what autograd keeps for backward at the end of the guided forward and the guided
-step's peak over the plain step's (cond forward with autograd, uncond forward, backward).
+step's peak over the plain step's (cond forward with autograd, uncond forward, backward);
+last, `fast` with the cond and uncond rows in one forward with autograd (the design a GPU
+uses when this fits its free memory).
 "as on CUDA": attention with a memory-efficient kernel's footprint (what the guided step
 uses on CUDA); "as on CPU": ComfyUI's CPU attention, which keeps every head's weights.
 
@@ -61,7 +63,9 @@ def count(job):
     twin = unet_layers.meta_twin(unet_config(name), dtype)
     layers = unet_layers.auto_layers(twin.unet)
     hw = (height // 8, width // 8)
-    return job, {mode: memory_estimate.count_step(twin, batch, hw, mode, attention, layers) for mode in ("fast", "low")}
+    counts = {mode: memory_estimate.count_step(twin, batch, hw, mode, attention, layers) for mode in ("fast", "low")}
+    counts["fast+batched"] = memory_estimate.count_step(twin, batch, hw, "fast", attention, layers, batched=True)
+    return job, counts
 
 
 def table(workers: int) -> int:
@@ -73,20 +77,21 @@ def table(workers: int) -> int:
     print("\nOne guided step of InfSplign, fp16, default layers (coarse + mid), counted on the meta device")
     print("(GiB; kept = autograd's saved tensors at the end of the guided forward; extra = the guided step's peak "
           "over the plain step's)\n")
-    print("| model | size | batch | attention | plain step peak | fast: kept | fast: extra | low: kept | low: extra |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | size | batch | attention | plain step peak | fast: kept | fast: extra | low: kept | low: extra "
+          "| fast, one forward: extra |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for job in jobs:
         name, w, h, batch, attention, _ = job
         r = results[job]
         print(f"| {name} | {w}x{h} | {batch} | {ATTENTION[attention]} | {r['fast'].plain_peak / GIB:.2f} | "
               f"{r['fast'].kept / GIB:.2f} | {r['fast'].extra / GIB:.2f} | {r['low'].kept / GIB:.2f} | "
-              f"{r['low'].extra / GIB:.2f} |")
+              f"{r['low'].extra / GIB:.2f} | {r['fast+batched'].extra / GIB:.2f} |")
     print()
     for (name, w, limit) in (("SDXL", 1024, 1.5), ("SD1.5", 512, 0.5)):
         low = results[(name, w, w, 1, "efficient", torch.float16)]["low"].extra / GIB
         print(f"target: low, {name} {w} px, batch 1, as on CUDA: {low:.2f} GiB extra (at most {limit}): "
               f"{'met' if low <= limit else 'NOT met'}")
-    print(f"\n{len(jobs) * 2} steps counted in {time.perf_counter() - t0:.0f} s ({workers} processes)")
+    print(f"\n{len(jobs) * 3} steps counted in {time.perf_counter() - t0:.0f} s ({workers} processes)")
     return 0
 
 

@@ -3,23 +3,33 @@
     .venv/bin/python bench/run_bench.py            # full table (about 40 minutes on 2 CPU cores)
     .venv/bin/python bench/run_bench.py --quick    # small models only, a smoke run
     .venv/bin/python bench/run_bench.py --gpu      # on a GPU: SD1.5 512 px and SDXL 1024 px, fp16
+    .venv/bin/python bench/run_bench.py --gpu --ops  # and the op counter's table (bench/op_count.py)
 
 Per model: the same model, seed and prompt; plain KSampler-style sampling and InfSplign
 with its default window (25 % of the steps) in memory mode fast and in low alternate, and
 the table gives the median wall-time ratios to plain and the ratios of peak memory
 (resident memory on CPU, sampled during the run; torch.cuda.max_memory_allocated on GPU).
 The CPU plan: full-width SD1.5 (random weights) at 256 px, 20 steps, and full-width SDXL
-at 512 px, 8 steps (2 guided; a 20-step run of it takes most of an hour here). A second
-table times one guided step four ways: the pack's step in fast and in low (the sampler's
-own forward, cond rows with autograd, uncond rows without), the same with cond and uncond
-rows both recorded (one batched graph), and a naive step (the plain forward plus a second,
-separate forward with autograd).
+at 512 px, 8 steps (2 guided; a 20-step run of it takes most of an hour here). A third
+table times one guided step four ways: the pack's `fast` step with the cond and uncond rows
+in one forward with autograd and with them apart (the pack picks one forward on a GPU when
+memory allows, apart on a CPU), `low`, and a naive step (the plain forward plus a second,
+separate forward with autograd). `--models sd15` runs one model of the plan.
+
+Per step (median milliseconds of 3 runs of 8 steps for the short rows): plain; Attention
+Capture Patch alone; InfSplign at strength 0 on every step; the guided `fast` step; the
+unguided steps after the window of a default-window run; with the forward design the guided
+steps used (cond and uncond rows in one forward, or apart) and, on a GPU, the host-device
+syncs of one guided step counted by torch.cuda.set_sync_debug_mode.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -92,13 +102,26 @@ class PeakMemory:
 
 def _random_unet(cfg, dtype) -> comfy.model_patcher.ModelPatcher:
     """The UNet of a supported-model config with random weights, built under inference mode
-    as ComfyUI's loader does, in a ModelPatcher on the torch device."""
+    as ComfyUI's loader does, in a ModelPatcher on the torch device. On a GPU the weights are
+    drawn there (a minute faster per SDXL model than on the CPU); the same statistics as the
+    test models' (fan-in scaled matrices, norm gains near 1)."""
     cfg.set_inference_dtype(dtype, None)
     device = comfy.model_management.get_torch_device()
     with torch.inference_mode():
         base = cfg.get_model({})
-        for name, tensor in base.diffusion_model.state_dict().items():
-            models._fill(name, tensor, 0)
+        if device.type == "cpu":
+            for name, tensor in base.diffusion_model.state_dict().items():
+                models._fill(name, tensor, 0)
+        else:
+            base = base.to(device)
+            g = torch.Generator(device).manual_seed(0)
+            for name, t in base.diffusion_model.state_dict().items():
+                if t.ndim == 0 or not t.is_floating_point():
+                    continue
+                r = torch.randn(t.shape, generator=g, device=device, dtype=torch.float32)
+                r = r / float(t[0].numel()) ** 0.5 if t.ndim >= 2 else (1.0 + 0.1 * r if name.endswith("weight")
+                                                                          else 0.02 * r)
+                t.copy_(r.to(t.dtype))
         base = base.to(device)
     return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu"))
 
@@ -167,14 +190,61 @@ def variants(model, end_percent=0.25):
     relations = dataclasses.replace(RELATIONS, encoder=module("nodes.unet_layers").ENCODERS[family])
     fast = guidance_nodes._guided_model(model, relations, {**settings, "memory": "fast"})
     low = guidance_nodes._guided_model(model, relations, {**settings, "memory": "low"})
-    batched = fast.clone()
-    batched.remove_wrappers_with_key(WrappersMP.CALC_COND_BATCH, hooks.SPLIT_KEY)
+    strength0 = guidance_nodes._guided_model(model, relations, {**settings, "strength": 0.0, "end_percent": 1.0})
+    capture = hooks.with_capture(model, relations, module("nodes.unet_layers").select_layers(model, "auto"))
     naive = fast.clone()
     naive.remove_wrappers_with_key(WrappersMP.CALC_COND_BATCH, hooks.SPLIT_KEY)
     naive.remove_wrappers_with_key(WrappersMP.PREDICT_NOISE, hooks.GUIDANCE_KEY)
     naive.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, "bench.naive",
                                naive_wrapper(guidance_nodes.make_settings(model, **settings)))
-    return {"plain": model, "fast": fast, "low": low, "batched graph": batched, "naive": naive}
+    return {"plain": model, "fast": fast, "low": low, "strength 0": strength0, "capture only": capture,
+            "naive": naive}
+
+
+@contextlib.contextmanager
+def reports():
+    """The StepReports the "infsplign" logger gives during the block."""
+    class Keep(logging.Handler):
+        def emit(self, record):
+            if hasattr(record, "infsplign"):
+                seen.append(record.infsplign)
+    seen, logger, handler = [], logging.getLogger("infsplign"), Keep(logging.INFO)
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+@contextlib.contextmanager
+def design(name):
+    """Force the guided `fast` step's forward design ("batched" / "split"; None: the pack's choice)."""
+    memory_modes = module("nodes.memory_modes")
+    memory_modes.FORCE_DESIGN = name
+    try:
+        yield
+    finally:
+        memory_modes.FORCE_DESIGN = None
+
+
+def count_syncs(model, positive, negative, size, device) -> int | None:
+    """Host-device syncs of a one-step guided run (every step guided), as CUDA counts them."""
+    if device.type != "cuda":
+        return None
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run(model, positive, negative, size, 1, device)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchronizing" in str(w.message).lower() for w in caught)
 
 
 def run(model, positive, negative, size, steps, device, step_times=None):
@@ -222,14 +292,29 @@ def bench(name, build, size, steps, rounds, device):
     per_step = {"plain": statistics.median(d for ds in steps_of["plain"] for d in ds)}
     for v in ("fast", "low"):
         per_step[v] = statistics.median(d for ds in steps_of[v] for d in ds[:guided_steps])
-    # the other step designs: a 1-step schedule with the window over all of it, warmed once
+    per_step["unguided steps"] = statistics.median(d for ds in steps_of["fast"] for d in ds[guided_steps:])
+    with reports() as seen:  # which forward design the guided steps of a fast run used
+        run(full["fast"], positive, negative, size, guided_steps, device)
+    designs = sorted({r.forward for r in seen if getattr(r, "forward", "")})
+    # capture only and strength 0: 3 runs of 8 steps each, every step
+    for v in ("capture only", "strength 0"):
+        times_of = []
+        run(full[v], positive, negative, size, 1, device)
+        for _ in range(3):
+            run(full[v], positive, negative, size, 8, device, times_of)
+        per_step[v] = statistics.median(d for ds in times_of for d in ds)
+    # one guided step of each design: a 1-step schedule with the window over all of it, warmed once
     one = variants(model, end_percent=1.0)
-    for v in ("fast", "low", "batched graph", "naive"):
-        run(one[v], positive, negative, size, 1, device)
-        per_step[f"{v} (1-step run)"] = run(one[v], positive, negative, size, 1, device)[0]
+    for label, v, forced in (("fast, one forward", "fast", "batched"), ("fast, split", "fast", "split"),
+                             ("low", "low", None), ("naive", "naive", None)):
+        with design(forced):
+            run(one[v], positive, negative, size, 1, device)
+            per_step[f"{label} (1-step run)"] = run(one[v], positive, negative, size, 1, device)[0]
+    syncs = count_syncs(one["fast"], positive, negative, size, device)
     return {"name": name, "seconds": {v: statistics.median(times[v]) for v in RUNS},
             "ratios": {v: [g / p for g, p in zip(times[v], times["plain"])] for v in ("fast", "low")},
-            "peaks": {v: max(peaks[v]) for v in RUNS}, "baseline": baseline, "per_step": per_step}
+            "peaks": {v: max(peaks[v]) for v in RUNS}, "baseline": baseline, "per_step": per_step,
+            "designs": designs, "syncs": syncs}
 
 
 PLANS = {
@@ -248,6 +333,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model only, few steps (smoke run)")
     parser.add_argument("--gpu", action="store_true", help="run on the GPU (fp16, 512 px)")
+    parser.add_argument("--ops", action="store_true", help="also print the op counter's table")
+    parser.add_argument("--models", help="comma list of plan entries to run (e.g. sd15), default all")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one model, JSON out
     opts = parser.parse_args()
     device = comfy.model_management.get_torch_device()
@@ -259,6 +346,8 @@ def main() -> int:
         return 0
     t0 = time.perf_counter()
     plan = PLANS["quick" if opts.quick else "gpu" if opts.gpu else "cpu"]
+    if opts.models:
+        plan = [e for e in plan if e[1].split("-")[0] in opts.models.split(",")]
     results = []
     for entry in plan:  # each model in its own process: its memory peak is its own
         cmd = [sys.executable, __file__, "--one", json.dumps(entry)] + (["--gpu"] if opts.gpu else [])
@@ -287,18 +376,32 @@ def main() -> int:
               f"{mib(p['plain'])} / {mib(p['fast'])} / {mib(p['low'])} | {p['fast'] / p['plain']:.3f} | "
               f"{p['low'] / p['plain']:.3f} | {mib(p['plain'] - base)} / {mib(p['fast'] - base)} / "
               f"{mib(p['low'] - base)} |")
-    print("\nSteps: median plain and guided step inside the runs above; then one guided step of each "
-          "design, timed as a 1-step run after a warm-up run (fast: the pack's step; low: the same, "
-          "recomputing inside the blocks; batched graph: cond and uncond rows both recorded; naive: a "
-          "second, separate forward with autograd):")
-    print("| model | plain step s | fast step s | low step s | fast (1-step run) s | low (1-step run) s "
-          "| batched graph s | naive s | naive/fast | batched/fast |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\nPer step, median ms: plain and the guided and unguided steps inside the runs above (the "
+          "guided steps' forward design in brackets); capture only and strength 0 from 3 runs of 8 steps; "
+          "syncs: host-device syncs of a one-step guided run (CUDA's count)")
+    print("| model | plain | capture only | strength 0 | guided step, fast | guided step, low | unguided steps "
+          "after the window | unguided/plain | syncs |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    ms = lambda v: f"{v * 1000:.0f}"  # noqa: E731
     for r in results:
         s = r["per_step"]
-        fast, low, bat, nai = (s[f"{v} (1-step run)"] for v in ("fast", "low", "batched graph", "naive"))
-        print(f"| {r['name']} | {s['plain']:.2f} | {s['fast']:.2f} | {s['low']:.2f} | {fast:.2f} | {low:.2f} | "
-              f"{bat:.2f} | {nai:.2f} | {nai / fast:.3f} | {bat / fast:.3f} |")
+        print(f"| {r['name']} | {ms(s['plain'])} | {ms(s['capture only'])} | {ms(s['strength 0'])} | "
+              f"{ms(s['fast'])} ({', '.join(r['designs']) or '-'}) | {ms(s['low'])} | {ms(s['unguided steps'])} | "
+              f"{s['unguided steps'] / s['plain']:.3f} | {'-' if r['syncs'] is None else r['syncs']} |")
+    print("\nOne guided step of each design, timed as a 1-step run after a warm-up run (one forward: cond "
+          "and uncond rows in one forward with autograd; split: apart; low: recomputing inside the "
+          "blocks; naive: the plain forward and a second, separate forward with autograd), seconds:")
+    print("| model | fast, one forward | fast, split | low | naive | split/one forward |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        s = r["per_step"]
+        one, split, low, nai = (s[f"{v} (1-step run)"] for v in ("fast, one forward", "fast, split", "low", "naive"))
+        print(f"| {r['name']} | {one:.3f} | {split:.3f} | {low:.3f} | {nai:.3f} | {split / one:.3f} |")
+    if opts.ops:
+        print("\nOperations per step (bench/op_count.py --gpu-attention, on the CPU: the counts do not "
+              "depend on the device):", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "bench" / "op_count.py"), "--gpu-attention"], check=False,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     print(f"\nfinished in {time.perf_counter() - t0:.0f} s")
     return 0
 

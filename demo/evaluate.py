@@ -40,7 +40,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "host")]
 import comfy_host  # noqa: E402
 import ui_workflow as wf  # noqa: E402
 
-WORKFLOW = ROOT / "example_workflows" / "d_demo_model_unguided_vs_guided.json"
+WORKFLOW = ROOT / "example_workflows" / "d - Demo model, unguided vs InfSplign.json"
 TEXT, LATENT, APPLY, PLAIN, GUIDED, SAVE = "2", "6", "7", "8", "9", "13"
 SETTING_NAMES = ("strength", "loss", "alpha", "margin", "orthogonal", "presence_weight", "temperature",
                  "balance_weight", "start_percent", "end_percent")

@@ -1,7 +1,7 @@
 """`make demo`: the bundled demo model, unguided vs InfSplign, through a real ComfyUI server.
 
 Starts ComfyUI (main.py --cpu, loopback) with this pack, loads the example workflow
-example_workflows/d_demo_model_unguided_vs_guided.json (the UI file users drag in),
+example_workflows/d - Demo model, unguided vs InfSplign.json (the UI file users drag in),
 converts it to the API format with the server's /object_info, and queues it once per
 relation prompt with the prompt text replaced. Each run samples 4 seeds unguided and
 guided from the same noise; the demo writes one PNG per prompt (rows: seeds; left:
@@ -23,7 +23,7 @@ sys.path[:0] = [str(ROOT / "host")]
 from comfy_server import Server  # noqa: E402
 import ui_workflow as wf  # noqa: E402
 
-WORKFLOW = ROOT / "example_workflows" / "d_demo_model_unguided_vs_guided.json"
+WORKFLOW = ROOT / "example_workflows" / "d - Demo model, unguided vs InfSplign.json"
 OUT = ROOT / "output" / "demo"
 TEXT_NODE, SAVE_NODE, PARSE_NODE = "2", "13", "5"
 DEFAULT_PROMPTS = (

@@ -6,6 +6,8 @@ an all-zero map (every division is guarded by `eps`).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -13,9 +15,16 @@ EPS = 1e-8
 
 
 def grid(h: int, w: int, like: Tensor) -> tuple[Tensor, Tensor]:
-    """x (1 x w) and y (h x 1) coordinate grids in [0, 1], on `like`'s device and dtype."""
-    x = torch.linspace(0.0, 1.0, w, device=like.device, dtype=like.dtype).view(1, w)
-    y = torch.linspace(0.0, 1.0, h, device=like.device, dtype=like.dtype).view(h, 1)
+    """x (1 x w) and y (h x 1) coordinate grids in [0, 1], on `like`'s device and dtype
+    (made once per size, device and dtype)."""
+    return _grid(h, w, like.device, like.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    with torch.inference_mode(False):  # normal tensors even inside inference mode: autograd saves them
+        x = torch.linspace(0.0, 1.0, w, device=device, dtype=dtype).view(1, w)
+        y = torch.linspace(0.0, 1.0, h, device=device, dtype=dtype).view(h, 1)
     return x, y
 
 

@@ -9,7 +9,7 @@ tensors. These helpers do both, without touching values.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -22,18 +22,20 @@ def grad_enabled() -> Iterator[None]:
         yield
 
 
-def make_autograd_safe(module: nn.Module, skip: Callable[[nn.Module], bool] | None = None) -> int:
+def make_autograd_safe(module: nn.Module, skip: Callable[[nn.Module], bool] | None = None,
+                       modules: Sequence[nn.Module] | None = None) -> int:
     """Replace each inference-tensor parameter/buffer of `module` by an equal normal tensor.
 
     Returns how many were replaced (0 once done, so calling it every step is cheap).
     Values, dtypes and devices are kept; the new parameters do not require grad (guidance
     differentiates w.r.t. the latent only). The module is changed in place. Submodules for
     which `skip(sub)` is true keep their own tensors (ones whose weights autograd never
-    sees, such as weights fetched and cast on each call).
+    sees, such as weights fetched and cast on each call). `modules`: module.modules(), when
+    the caller keeps that list (walking a large model's tree is host time on every step).
     """
     replaced = 0
     with torch.inference_mode(False), torch.no_grad():
-        for sub in module.modules():
+        for sub in (module.modules() if modules is None else modules):
             if skip is not None and skip(sub):
                 continue
             for name, p in sub._parameters.items():
@@ -56,13 +58,17 @@ def grad_leaf(x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def weights_frozen(module: nn.Module) -> Iterator[None]:
+def weights_frozen(module: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
     """While inside, no parameter of `module` requires grad (a flag change, nothing copied).
 
     Weights loaded under inference mode may carry requires_grad=True; a forward with
     autograd would then save their inputs for a weight gradient nobody asks for, and refuse
-    to save the inference-tensor weights themselves. The flags are restored afterwards."""
-    changed = [p for p in module.parameters() if p.requires_grad]
+    to save the inference-tensor weights themselves. The flags are restored afterwards.
+    `modules`: module.modules(), when the caller keeps that list."""
+    if modules is None:
+        changed = [p for p in module.parameters() if p.requires_grad]
+    else:
+        changed = [p for m in modules for p in m._parameters.values() if p is not None and p.requires_grad]
     for p in changed:
         p.requires_grad_(False)
     try:

@@ -225,14 +225,15 @@ def inside_share(maps: Tensor, slots: Sequence[int], boxes: Sequence[Box]) -> Te
     return torch.stack(shares, dim=-1) if shares else maps.new_zeros(maps.shape[0], 0)
 
 
-def injection_bias(logits: Tensor, columns: Sequence[int], masks: Tensor, strength: float) -> Tensor:
+def injection_bias(logits: Tensor, columns: Sequence[int] | Tensor, masks: Tensor, strength: float) -> Tensor:
     """Additive logits bias (B, H, N, T) of iLGD's injection: for object token columns[i],
     strength times that token's logit range over the N query positions (per image and head,
-    not differentiated) at the positions its box covers (masks (len(columns), N))."""
+    not differentiated) at the positions its box covers (masks (len(columns), N)). `columns`
+    may be a long tensor on the logits' device (made once per run)."""
     bias = torch.zeros_like(logits)
     if strength <= 0 or not len(columns):
         return bias
-    index = torch.tensor(list(columns), device=logits.device)
+    index = columns if isinstance(columns, Tensor) else torch.tensor(list(columns), device=logits.device)
     picked = logits.detach().index_select(-1, index)  # (B, H, N, J)
     spread = picked.amax(dim=-2, keepdim=True) - picked.amin(dim=-2, keepdim=True)  # (B, H, 1, J)
     bias.index_add_(-1, index, strength * spread * masks.t().to(logits.dtype)[None, None])

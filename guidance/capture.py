@@ -1,26 +1,32 @@
-"""Object-token cross-attention maps, recorded during the UNet's own forward pass.
+"""The run's capture of object-token attention maps, during the model's own forward pass.
 
-Only the captured layers materialise attention probabilities, only for the cond rows,
-and only the object tokens' columns are kept (ALGORITHM.md section 2):
-    p = softmax(q k^T / (sqrt(d) T)) over all context tokens, mean over heads,
-in float32 whatever the model's dtype. T = 1 is the paper's map. A temperature T > 1
-softens only these recorded maps (the UNet's own attention is untouched): on a model whose
-word attention is so sharp that an object's map is ~0 away from the object, the centroid
-has no gradient toward the place it must go, and a softer map gives it one.
-The store lives for one sampling run.
+Only the captured layers, only the cond rows and only the object tokens' columns are
+computed (guidance/attention_maps.py), in float32 whatever the model's dtype. A layer's
+q and k are set aside when the model computes its attention, and the maps of all layers
+with the same shapes are computed together (a chunk of at most CHUNK_BYTES of work memory
+at a time): far fewer operations than one computation per layer, the same numbers. In a
+`low` memory step (`immediate`) each layer's maps are computed inside the layer instead,
+so that the recomputation of its module covers them.
+
+The store lives for one sampling run; its index tensors are made once per run and device.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from .attention_maps import MapIndex, compute_dtype, replay_saved, token_maps_of_layers
 from .boxes import box_masks, injection_delta
 from .losses import Pair
 from .relations import SpatialRelations
+
+# Work memory of one chunk of layers whose maps are computed together (their stacked
+# float32 q and k, the logits and the softmax): more layers per chunk means fewer
+# operations, and more memory for a moment.
+CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -56,67 +62,52 @@ def box_slots(relations: SpatialRelations) -> tuple[int, ...]:
     return tuple(groups.index(b.tokens) for b in relations.boxes)
 
 
-class _ObjectTokenProbs(torch.autograd.Function):
-    """softmax(q k^T * scale)[..., columns], per head, keeping only q, k, the float32
-    logsumexp and the result for backward: (B, N, H*d), (B, T, H*d) -> (B, H, N, J).
-
-    The softmax over all T context tokens is needed (its normaliser), but only the object
-    tokens' J columns are kept; backward recomputes the logits from q and k. q and k are
-    the attention's own inputs, which the attention keeps for its backward anyway."""
-
-    @staticmethod
-    def forward(ctx, q, k, heads, columns, scale):
-        qh, kh = _split_heads(q, heads), _split_heads(k, heads)
-        logits = (qh @ kh.transpose(-1, -2)) * scale  # (B, H, N, T), transient
-        lse = torch.logsumexp(logits, dim=-1)
-        probs = torch.exp(logits.index_select(-1, columns) - lse[..., None])
-        ctx.save_for_backward(q, k, lse, probs, columns)
-        ctx.heads, ctx.scale = heads, scale
-        return probs
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, lse, probs, columns = ctx.saved_tensors
-        qh, kh = _split_heads(q, ctx.heads), _split_heads(k, ctx.heads)
-        p_all = torch.exp((qh @ kh.transpose(-1, -2)) * ctx.scale - lse[..., None])  # (B, H, N, T)
-        # d p_j / d l_t = p_j (delta_jt - p_t):  dL/dl = P * (G - sum_j g_j p_j)
-        spread = torch.zeros_like(p_all).index_add_(-1, columns, grad)
-        dlogits = p_all * (spread - (grad * probs).sum(dim=-1, keepdim=True))
-        dq = (dlogits @ kh) * ctx.scale
-        dk = (dlogits.transpose(-1, -2) @ qh) * ctx.scale
-        return _merge_heads(dq, q), _merge_heads(dk, k), None, None, None
-
-
-def _split_heads(t: Tensor, heads: int) -> Tensor:
-    """(B, N, H*d) -> (B, H, N, d) in float32 at least (whatever the model's dtype)."""
-    b, n, inner = t.shape
-    return t.to(torch.promote_types(t.dtype, torch.float32)).view(b, n, heads, inner // heads).transpose(1, 2)
-
-
-def _merge_heads(t: Tensor, like: Tensor) -> Tensor:
-    return t.transpose(1, 2).reshape(like.shape).to(like.dtype)
-
-
-def token_maps(q: Tensor, k: Tensor, heads: int, groups: Sequence[Sequence[int]],
-               hw: tuple[int, int], temperature: float = 1.0) -> Tensor:
-    """Mean-over-heads attention of each token group, (B, N, H*d), (B, T, H*d) -> (B, K, h, w).
-
-    A group of several tokens (a multi-token object) gets the mean of its tokens' maps.
-    `temperature` divides the logits before the softmax (1: the model's own probabilities).
-    Only the object tokens' probabilities are kept for backward (_ObjectTokenProbs).
-    """
-    b, n, inner = q.shape
-    d = inner // heads
-    columns = sorted({t for g in groups for t in g})
-    index = torch.tensor(columns, device=q.device)
-    probs = _ObjectTokenProbs.apply(q, k, heads, index, d ** -0.5 / temperature).mean(dim=1)  # (B, N, J)
-    slot = {t: i for i, t in enumerate(columns)}
-    maps = torch.stack([probs[..., [slot[t] for t in g]].mean(dim=-1) for g in groups], dim=1)
-    return maps.view(b, len(groups), *hw)
-
-
 class TokenPositionError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Which rows of an attention call's batch are cond rows: a contiguous run
+    [start, stop), or the scattered positions `at`."""
+
+    start: int = 0
+    stop: int = 0
+    at: tuple[int, ...] = ()
+
+    @property
+    def count(self) -> int:
+        return len(self.at) if self.at else self.stop - self.start
+
+    def as_slice(self) -> slice | None:
+        return None if self.at else slice(self.start, self.stop)
+
+
+def cond_rows(cond_or_uncond: Sequence[int], batch: int) -> tuple[Rows | None, int]:
+    """The rows of the cond entries in an attention call's batch of len(cond_or_uncond)
+    entries of batch // len(cond_or_uncond) images each, and how many cond entries there
+    are (several, e.g. combined conditionings, are averaged per image). None: every row."""
+    chunk = batch // len(cond_or_uncond)
+    entries = [i for i, c in enumerate(cond_or_uncond) if c == 0]
+    if len(entries) == len(cond_or_uncond):
+        return None, len(entries)
+    if entries == list(range(entries[0], entries[-1] + 1)):
+        return Rows(entries[0] * chunk, (entries[-1] + 1) * chunk), len(entries)
+    return Rows(at=tuple(i * chunk + j for i in entries for j in range(chunk))), len(entries)
+
+
+@dataclass
+class _Pending:
+    """Layers of one shape set aside in this step, waiting to be computed together."""
+
+    layers: list[Layer]
+    qs: list[Tensor]
+    ks: list[Tensor]
+    heads: int
+    hw: tuple[int, int]
+    rows: object
+    entries: int
+    capacity: int
 
 
 @dataclass
@@ -126,18 +117,21 @@ class CaptureStore:
     The ComfyUI glue narrows `capturing` to the sampler's own cond forward of a step (not the
     extra passes of SelfAttentionGuidance or PerturbedAttentionGuidance) and to calls that
     see the whole latent; `step_active`, `latent_hw` and `cropped_calls` are its bookkeeping.
-    `replaying` is on while the backward pass of a `low` memory step computes a module's
-    forward again (guidance/recompute.py): the maps are computed again, exactly as in the
-    forward (the recomputation must repeat every saved tensor), and not recorded twice.
+    `immediate` computes each layer's maps at once (a `low` memory step). `replaying` is on
+    while the backward pass of a `low` step computes a module's forward again
+    (guidance/recompute.py): the layer then saves for backward what its maps saved, and
+    records nothing.
     """
 
     relations: SpatialRelations
     layers: tuple[Layer, ...]
-    temperature: float = 1.0  # softmax temperature of the recorded maps (token_maps)
+    temperature: float = 1.0  # softmax temperature of the recorded maps
     groups: tuple[tuple[int, ...], ...] = ()
     pairs: tuple[Pair, ...] = ()
     capturing: bool = False
     replaying: bool = False
+    immediate: bool = False
+    batched: bool = False  # this guided step's forward runs cond and uncond rows together with autograd
     injecting: bool = False  # this step's cond forward gets the boxes' attention injection
     step_active: bool = False  # inside a guided (or observed) step's prediction
     latent_hw: tuple[int, ...] | None = None  # spatial size of the whole latent of this step
@@ -145,16 +139,41 @@ class CaptureStore:
     warned_crop: bool = False
     controlled: bool = False  # this step's forward adds ControlNet residuals to the skips
     last: list[tuple[str, Tensor]] = field(default_factory=list)  # last non-empty take(), detached
-    _maps: dict[Layer, list[Tensor]] = field(default_factory=lambda: defaultdict(list))
+    _pending: dict = field(default_factory=dict)
+    _done: list = field(default_factory=list)  # (layers, maps (L, B, K, h, w))
+    _index: dict = field(default_factory=dict)  # device -> MapIndex
+    _rows: dict = field(default_factory=dict)  # (rows, device) -> index tensor
+    _boxes: dict = field(default_factory=dict)  # (h, w, device) -> (columns, masks (J, N))
+    sigma_at: dict = field(default_factory=dict)  # schedule percent -> sigma, read once per run
+    cache: dict = field(default_factory=dict)  # the model's module lists, walked once per run
 
     def __post_init__(self):
         self.groups, self.pairs = object_slots(self.relations)
 
+    def index(self, device) -> MapIndex:
+        if device not in self._index:
+            self._index[device] = MapIndex.of(self.groups, device)
+        return self._index[device]
+
+    def _row_index(self, rows: Rows | None, device, as_tensor: bool = False):
+        """`rows` (cond_rows) as indexing needs them: None, a slice for a contiguous run, else
+        (or with as_tensor) a long tensor on `device`, made once per run."""
+        if rows is None or (not rows.at and not as_tensor):
+            return None if rows is None else rows.as_slice()
+        if (rows, device) not in self._rows:
+            values = rows.at or range(rows.start, rows.stop)
+            with torch.inference_mode(False):  # (autograd saves index tensors)
+                self._rows[(rows, device)] = torch.tensor(list(values), dtype=torch.long).to(device)
+        return self._rows[(rows, device)]
+
     def record(self, layer: Layer, q: Tensor, k: Tensor, heads: int,
                cond_or_uncond: Sequence[int], hw: tuple[int, int]) -> None:
-        """Keep the cond rows' object maps of one attn2 call (a no-op unless capturing; computed
-        and dropped while replaying)."""
+        """Set aside the cond rows' q and k of one attn2 call (a no-op unless capturing; while
+        replaying, save what the maps saved)."""
         if not (self.capturing or self.replaying) or 0 not in cond_or_uncond:
+            return
+        if self.replaying:
+            replay_saved(q, k)
             return
         longest = max(max(g) for g in self.groups)
         if longest >= k.shape[1]:
@@ -162,15 +181,25 @@ class CaptureStore:
                 f"Object token position {longest} is beyond the conditioning's {k.shape[1]} tokens: "
                 "the relations were parsed from another text than the positive prompt. Connect the "
                 "positive prompt's text to Spatial Relation Parse.")
-        chunk = q.shape[0] // len(cond_or_uncond)
-        rows = [i * chunk + j for i, c in enumerate(cond_or_uncond) if c == 0 for j in range(chunk)]
-        if len(rows) < q.shape[0]:  # (a guided step's forward holds cond rows only: no copy there)
-            rows_t = torch.tensor(rows, device=q.device)
-            q, k = q.index_select(0, rows_t), k.index_select(0, rows_t)
-        maps = token_maps(q, k, heads, self.groups, hw, self.temperature)
-        if self.capturing:
-            # several cond entries (e.g. combined conditionings) are averaged per image
-            self._maps[layer].append(maps.view(-1, chunk, *maps.shape[1:]).mean(dim=0))
+        rows, entries = cond_rows(cond_or_uncond, q.shape[0])
+        key = (tuple(hw), heads, tuple(q.shape), tuple(k.shape), q.dtype, q.device, rows)
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = _Pending([], [], [], heads, tuple(hw), rows, entries,
+                                                    1 if self.immediate else _capacity(q, k, heads, rows))
+        pending.layers.append(layer)
+        pending.qs.append(q)
+        pending.ks.append(k)
+        if len(pending.layers) >= pending.capacity:
+            self._flush(key)
+
+    def _flush(self, key) -> None:
+        p = self._pending.pop(key)
+        maps = token_maps_of_layers(p.qs, p.ks, p.heads, self.index(p.qs[0].device), p.hw, self.temperature,
+                                    self._row_index(p.rows, p.qs[0].device))
+        if p.entries > 1:  # several cond entries of each image: their mean
+            maps = maps.view(maps.shape[0], p.entries, -1, *maps.shape[2:]).mean(dim=1)
+        self._done.append((tuple(p.layers), maps))
 
     def injected(self, out: Tensor, q: Tensor, k: Tensor, v: Tensor, heads: int,
                  cond_or_uncond: Sequence[int], hw: tuple[int, int]) -> Tensor:
@@ -181,24 +210,80 @@ class CaptureStore:
         would be ~0.6 GiB on SDXL at 1024 px)."""
         if not self.injecting or 0 not in cond_or_uncond or not self.relations.boxes:
             return out
-        chunk = q.shape[0] // len(cond_or_uncond)
-        rows = torch.tensor([i * chunk + j for i, c in enumerate(cond_or_uncond) if c == 0 for j in range(chunk)],
-                            device=q.device)
-        columns, masks = [], []
-        for bound, mask in zip(self.relations.boxes, box_masks([b.box for b in self.relations.boxes], *hw, q)):
-            for token in bound.tokens:
-                columns.append(token)
-                masks.append(mask.flatten())
+        rows, _ = cond_rows(cond_or_uncond, q.shape[0])
+        columns, masks = self._box_index(tuple(hw), q.device)
+        if rows is not None:
+            index = self._row_index(rows, q.device, as_tensor=True)
+            q, k, v = (t[rows.as_slice()] if not rows.at else t.index_select(0, index) for t in (q, k, v))
         with torch.no_grad():
-            delta = injection_delta(q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows),
-                                    heads, columns, torch.stack(masks), self.relations.layout.injection)
-        return out.index_add(0, rows, delta.to(out.dtype))
+            delta = injection_delta(q, k, v, heads, columns, masks, self.relations.layout.injection).to(out.dtype)
+        return out + delta if rows is None else out.index_add(0, index, delta)
+
+    def _box_index(self, hw: tuple[int, int], device) -> tuple[Tensor, Tensor]:
+        """The boxes' token columns and each column's box coverage of the map cells (J, h*w)."""
+        key = (hw, device)
+        if key not in self._boxes:
+            with torch.inference_mode(False):
+                probe = torch.empty(0, device=device)
+                columns, masks = [], []
+                boxes = box_masks([b.box for b in self.relations.boxes], *hw, probe)
+                for bound, mask in zip(self.relations.boxes, boxes):
+                    for token in bound.tokens:
+                        columns.append(token)
+                        masks.append(mask.flatten())
+                self._boxes[key] = (torch.tensor(columns, dtype=torch.long).to(device), torch.stack(masks))
+        return self._boxes[key]
 
     def take(self) -> list[tuple[str, Tensor]]:
-        """(level, maps (B, K, h, w)) per captured layer of this step; clears the store.
-        A detached copy of a non-empty result stays in `last` for the run's trace."""
-        out = [(layer.level, torch.stack(m).mean(dim=0)) for layer, m in self._maps.items() if m]
-        self._maps = defaultdict(list)
-        if out:
-            self.last = [(level, maps.detach()) for level, maps in out]
+        """(level, maps (L, B, K, h, w)) per group of captured layers of this step (one group
+        per level and map size, layers in capture order); clears the store. A layer
+        recorded by several calls in one step (the cond rows split over several forward
+        passes) gets the mean of its maps. A detached copy of a non-empty result stays in
+        `last` for the run's trace."""
+        for key in list(self._pending):
+            self._flush(key)
+        done, self._done = self._done, []
+        if not done:
+            return []
+        counts: dict[Layer, int] = {}
+        for layers, _ in done:
+            for layer in layers:
+                counts[layer] = counts.get(layer, 0) + 1
+        out = _grouped(done) if all(c == 1 for c in counts.values()) else _averaged(done)
+        self.last = [(level, maps.detach() if maps.requires_grad else maps) for level, maps in out]
         return out
+
+    def discard(self) -> None:
+        """Drop whatever this step recorded (the step failed or needs no maps)."""
+        self._pending.clear()
+        self._done = []
+
+
+def _capacity(q: Tensor, k: Tensor, heads: int, rows: Rows | None) -> int:
+    """How many layers of these shapes one chunk computes together within CHUNK_BYTES."""
+    b = q.shape[0] if rows is None else rows.count
+    n, c, t = q.shape[1], q.shape[2], k.shape[1]
+    wide = torch.finfo(compute_dtype(q.dtype)).bits // 8
+    per_layer = b * (n * c * (q.element_size() + wide) + 3 * heads * n * t * wide)
+    return max(1, CHUNK_BYTES // max(per_layer, 1))
+
+
+def _grouped(done) -> list[tuple[str, Tensor]]:
+    """Chunks (each layer once) joined per (level, map size), in order of first appearance."""
+    groups: dict[tuple, list[Tensor]] = {}
+    for layers, maps in done:
+        groups.setdefault((layers[0].level, tuple(maps.shape[-2:])), []).append(maps)
+    return [(key[0], chunks[0] if len(chunks) == 1 else torch.cat(chunks)) for key, chunks in groups.items()]
+
+
+def _averaged(done) -> list[tuple[str, Tensor]]:
+    """Per layer, the mean of its maps over the calls that recorded it; then grouped."""
+    per_layer: dict[Layer, list[Tensor]] = {}
+    for layers, maps in done:
+        for layer, m in zip(layers, maps.unbind(0)):
+            per_layer.setdefault(layer, []).append(m)
+    groups: dict[tuple, list[Tensor]] = {}
+    for layer, ms in per_layer.items():
+        m = ms[0] if len(ms) == 1 else torch.stack(ms).mean(dim=0)
+        groups.setdefault((layer.level, tuple(m.shape[-2:])), []).append(m)
+    return [(key[0], torch.stack(ms)) for key, ms in groups.items()]

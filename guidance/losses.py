@@ -5,7 +5,8 @@ Per relation <A, R, B> and layer:
 with Delta the signed offset that must exceed the margin m, delta the offset on the
 orthogonal axis, presence = s2_A + s2_B on the coarse level and balance = |s2_A - s2_B|
 on the other levels. The step loss is the mean over layers, summed over the batch and
-over the relations of the prompt.
+over the relations of the prompt. Every function takes the maps of one layer (B, K, h, w) or
+of a group of layers at once (L, B, K, h, w): a group is computed in one pass.
 """
 from __future__ import annotations
 
@@ -101,26 +102,49 @@ def orthogonal_loss(delta: Tensor | None, s: LossSettings) -> Tensor | float:
     return delta.abs() ** p
 
 
-def layer_loss(maps: Tensor, pairs: Sequence[Pair], level: str, s: LossSettings) -> Tensor:
-    """Loss of one layer, per image: maps (B, K, h, w) of K object slots -> (B,)."""
+def _layers(maps: Tensor) -> Tensor:
+    """One layer's maps (B, K, h, w) or a group's (L, B, K, h, w), as (L, B, K, h, w)."""
+    return maps.unsqueeze(0) if maps.dim() == 4 else maps
+
+
+def _per_image(fn, maps: Tensor, *args) -> Tensor:
+    """fn of (N, K, h, w) -> (N,) applied to (L, B, K, h, w): (L, B)."""
+    return fn(maps.reshape(-1, *maps.shape[-3:]), *args).view(maps.shape[:2])
+
+
+def relation_terms(maps: Tensor, pairs: Sequence[Pair], level: str, s: LossSettings) -> tuple[Tensor, Tensor]:
+    """The relation terms of maps (..., K, h, w) of K object slots, per leading index:
+    (all of them, the spatial term alone), each (...)."""
+    if not pairs:
+        zeros = maps.new_zeros(maps.shape[:-3], dtype=torch.promote_types(maps.dtype, torch.float32))
+        return zeros, zeros
     c, s2 = object_stats(at_least_float32(maps), s.threshold)
-    total = c.new_zeros(maps.shape[0])
+    total = spatial = c.new_zeros(c.shape[:-2])
     for p in pairs:
-        big_delta, small_delta = offsets(c[:, p.a], c[:, p.b], p.relation)
-        total = total + s.spatial_weight * spatial_loss(big_delta, s)
+        big_delta, small_delta = offsets(c[..., p.a, :], c[..., p.b, :], p.relation)
+        term = s.spatial_weight * spatial_loss(big_delta, s)
+        spatial = spatial + term
+        total = total + term
         total = total + s.orthogonal_weight * orthogonal_loss(small_delta, s)
         if level == "coarse":
-            total = total + s.presence_weight * (s2[:, p.a] + s2[:, p.b])
+            total = total + s.presence_weight * (s2[..., p.a] + s2[..., p.b])
         else:
-            total = total + s.balance_weight * (s2[:, p.a] - s2[:, p.b]).abs()
-    return total
+            total = total + s.balance_weight * (s2[..., p.a] - s2[..., p.b]).abs()
+    return total, spatial
+
+
+def layer_loss(maps: Tensor, pairs: Sequence[Pair], level: str, s: LossSettings) -> Tensor:
+    """Loss of one layer per image, maps (B, K, h, w) of K object slots -> (B,) (or of a
+    group of layers, (L, B, K, h, w) -> (L, B))."""
+    return relation_terms(maps, pairs, level, s)[0]
 
 
 def step_loss(layers: Sequence[tuple[str, Tensor]], pairs: Sequence[Pair], s: LossSettings) -> Tensor:
-    """Mean over layers of the layer losses, summed over the batch: a scalar."""
+    """Mean over layers of the layer losses, summed over the batch: a scalar. `layers`:
+    (level, maps) of one layer (B, K, h, w) or of a group of layers (L, B, K, h, w) each."""
     if not layers:
         raise ValueError("no attention maps were captured for this step.")
-    per_layer = torch.stack([layer_loss(maps, pairs, level, s) for level, maps in layers])
+    per_layer = torch.cat([layer_loss(_layers(maps), pairs, level, s) for level, maps in layers])
     return per_layer.mean(dim=0).sum()
 
 
@@ -162,29 +186,63 @@ class Objective:
         return not (self.has_relations or self.has_boxes or self.has_presence or self.has_separation)
 
 
+@dataclass
+class Terms:
+    """One step's loss, and its terms per image (B,) as the loss weighs them, each the mean
+    over the captured layers: "relations" (all the relations' terms, times relation_weight),
+    "spatial" (their spatial term alone, the thesis' loss-reduction measure), "boxes",
+    "presence", "separation" (those present)."""
+
+    loss: Tensor
+    per_image: dict[str, Tensor]
+
+
+def objective_terms(layers: Sequence[tuple[str, Tensor]], objective: Objective, s: LossSettings) -> Terms:
+    """The objective on a step's maps: per layer the relation terms times relation_weight,
+    plus the presence, separation and box terms times their weights; the loss is the mean
+    over layers, summed over the batch. `layers`: (level, maps) of one layer (B, K, h, w) or
+    of a group of layers with equal maps (L, B, K, h, w) each (capture.CaptureStore.take),
+    computed a group at a time."""
+    if not layers:
+        raise ValueError("no attention maps were captured for this step.")
+    totals, parts = [], {}
+
+    def part(name: str, value: Tensor) -> None:
+        parts.setdefault(name, []).append(value)
+    for level, maps in layers:
+        maps = at_least_float32(_layers(maps))
+        total, spatial = relation_terms(maps, objective.pairs, level, s)
+        if objective.relation_weight != 1.0:
+            total = objective.relation_weight * total
+        if objective.pairs:
+            part("spatial", spatial)
+            part("relations", total)
+        if objective.has_presence:
+            term = objective.presence * _per_image(presence_loss, maps, objective.objects)
+            part("presence", term)
+            total = total + term
+        if objective.has_separation:
+            term = objective.separation * _per_image(separation_loss, maps, objective.objects)
+            part("separation", term)
+            total = total + term
+        if objective.has_boxes:
+            term = objective.box_weight * _per_image(box_layer_loss, maps, objective.box_slots, objective.boxes,
+                                                     objective.box_loss)
+            part("boxes", term)
+            total = total + term
+        totals.append(total)
+    mean = (lambda ts: (ts[0] if len(ts) == 1 else torch.cat(ts)).mean(dim=0))  # noqa: E731
+    return Terms(mean(totals).sum(), {name: mean(values) for name, values in parts.items()})
+
+
 def objective_loss(layers: Sequence[tuple[str, Tensor]], objective: Objective, s: LossSettings) -> Tensor:
     """Mean over layers of the relation terms plus box_weight times the box terms (plus the
     presence and separation terms), summed over the batch: a scalar (step_loss when there
     is nothing but relations)."""
-    if not layers:
-        raise ValueError("no attention maps were captured for this step.")
-    per_layer = []
-    for level, maps in layers:
-        total = layer_loss(maps, objective.pairs, level, s)
-        if objective.relation_weight != 1.0:
-            total = objective.relation_weight * total
-        if objective.has_presence:
-            total = total + objective.presence * presence_loss(maps, objective.objects)
-        if objective.has_separation:
-            total = total + objective.separation * separation_loss(maps, objective.objects)
-        if objective.has_boxes:
-            total = total + objective.box_weight * box_layer_loss(maps, objective.box_slots, objective.boxes,
-                                                                   objective.box_loss)
-        per_layer.append(total)
-    return torch.stack(per_layer).mean(dim=0).sum()
+    return objective_terms(layers, objective, s).loss
 
 
 def relation_holds(maps: Tensor, pairs: Sequence[Pair], s: LossSettings) -> Tensor:
     """(B, len(pairs)) booleans: Delta > margin on these maps (for logs and tests)."""
     c, _ = object_stats(at_least_float32(maps), s.threshold)
-    return torch.stack([offsets(c[:, p.a], c[:, p.b], p.relation)[0] > s.margin for p in pairs], dim=-1)
+    return torch.stack([offsets(c[..., p.a, :], c[..., p.b, :], p.relation)[0] > s.margin for p in pairs], dim=-1)

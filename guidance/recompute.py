@@ -38,10 +38,14 @@ class CloneInferenceArgs(TorchFunctionMode):
         return func(*tree_map(_normal, args), **tree_map(_normal, kwargs or {}))
 
 
-def recomputed_call(forward: Callable, replaying: Callable[[bool], None] | None = None) -> Callable:
+def recomputed_call(forward: Callable, replaying: Callable[[bool], None] | None = None,
+                    per_operation: bool = True) -> Callable:
     """`forward` as one activation checkpoint. `replaying(True/False)` is told when the
     backward pass recomputes it (the capture then computes its maps again without
-    recording them a second time)."""
+    recording them a second time). `per_operation`: every operation inside gets normal
+    copies of inference-tensor arguments (a module whose own weights may be inference
+    tensors); else only the module's call arguments are copied, once (a Python mode on
+    every operation is host time a GPU step cannot afford)."""
     calls = [0]
 
     def run(*args, **kwargs):
@@ -50,6 +54,8 @@ def recomputed_call(forward: Callable, replaying: Callable[[bool], None] | None 
         if replay and replaying is not None:
             replaying(True)
         try:
+            if not per_operation:
+                return forward(*tree_map(_normal, args), **tree_map(_normal, kwargs))
             with CloneInferenceArgs():
                 return forward(*args, **kwargs)
         finally:
@@ -67,7 +73,8 @@ def recomputed_call(forward: Callable, replaying: Callable[[bool], None] | None 
 
 @contextlib.contextmanager
 def recomputing(modules: Sequence[nn.Module], snapshot: Callable[[tuple, dict], tuple[tuple, dict]] | None = None,
-                replaying: Callable[[bool], None] | None = None) -> Iterator[None]:
+                replaying: Callable[[bool], None] | None = None,
+                per_operation: Callable[[nn.Module], bool] = lambda module: True) -> Iterator[None]:
     """While inside, each module's forward runs as its own activation checkpoint.
 
     `snapshot(args, kwargs)` may copy mutable arguments at call time (a dict the caller
@@ -80,7 +87,7 @@ def recomputing(modules: Sequence[nn.Module], snapshot: Callable[[tuple, dict], 
                 original = module.__dict__["forward"]
             else:
                 original = None
-            inner = recomputed_call(module.forward, replaying)
+            inner = recomputed_call(module.forward, replaying, per_operation(module))
 
             def forward(*args, _inner=inner, **kwargs):
                 if snapshot is not None:

@@ -103,35 +103,54 @@ def refine_latent(loss_at: Callable[[Tensor], Tensor | None], x: Tensor, sigma: 
 
     `loss_at(x)` runs the model's forward at latent x (with autograd) and returns the scalar
     loss, or None when no maps were captured. The loss is evaluated once more at the result
-    (report.final). A non-finite loss or gradient stops the burst and keeps the last finite
-    latent. Returns the refined latent (x's dtype) and the report."""
+    (report.final). A non-finite loss or gradient ends the burst: the latent stays at the
+    last one whose loss was finite. That is decided on the device (the iterations after it
+    change nothing), so the burst never waits for it; the losses are read once, at the end.
+    Returns the refined latent (x's dtype) and the report."""
     report = report if report is not None else RefineReport(-1, sigma)
     scale = math.sqrt(sigma * sigma + sigma_data * sigma_data)
+    losses, finite = [], []  # per evaluation: the loss, and whether it and its gradient were finite
     with grad_enabled():
         z = (x.detach().to(torch.promote_types(x.dtype, torch.float32)) / scale).clone().requires_grad_(True)
         optimiser = torch.optim.Adam([z], lr=learning_rate)
         kept = z.detach().clone()
-        for _ in range(iterations + 1):
+        alive = torch.ones((), dtype=torch.bool, device=z.device)  # no non-finite value so far
+        for i in range(iterations + 1):
             loss = loss_at((z * scale).to(x.dtype))
             if loss is None:
                 report.skipped = "no attention maps were captured for this step"
                 break
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                report.skipped = "the loss is not finite"
+            loss = loss.detach() if i == iterations else loss
+            alive = alive & torch.isfinite(loss)
+            losses.append(loss.detach())
+            with torch.no_grad():
+                kept = torch.where(alive, z, kept)
+            if i == iterations:
+                finite.append(alive)
                 break
-            kept = z.detach().clone()
-            if len(report.losses) == iterations:
-                report.final = value
-                break
-            report.losses.append(value)
-            optimiser.zero_grad(set_to_none=True)
             (grad,) = torch.autograd.grad(loss, z)
-            if not torch.isfinite(grad).all():
-                report.skipped = "the gradient is not finite"
-                break
-            z.grad = grad
+            alive = alive & torch.isfinite(grad).all()
+            finite.append(alive)
+            optimiser.zero_grad(set_to_none=True)
+            z.grad = torch.where(alive, grad, torch.zeros_like(grad))
             optimiser.step()
-    if not report.losses:  # nothing was evaluated: the latent is the sampler's own
+            with torch.no_grad():  # after a non-finite value z stays where it was
+                z.copy_(torch.where(alive, z, kept))
+    if not losses:  # nothing was evaluated: the latent is the sampler's own
+        return x, report
+    values = torch.stack(losses).tolist()
+    ok = torch.stack(finite).tolist()
+    for i, (value, good) in enumerate(zip(values, ok)):
+        if not math.isfinite(value):
+            report.skipped = "the loss is not finite"
+            break
+        if i == iterations:
+            report.final = value
+            break
+        report.losses.append(value)
+        if not good:
+            report.skipped = "the gradient is not finite"
+            break
+    if not report.losses:
         return x, report
     return (kept * scale).to(x.dtype), report

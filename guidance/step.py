@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .autograd import grad_enabled, grad_leaf
 from .capture import CaptureStore
-from .losses import LossSettings, Objective, objective_loss, step_loss
+from .losses import LossSettings, Objective, Terms, objective_terms
 
 # Steps within this relative distance of a window boundary count as on it.
 WINDOW_TOLERANCE = 1e-3
@@ -103,32 +103,47 @@ class StepReport:
     maps_dtype: str = ""  # dtype of the attention maps and the loss (float32 whatever the model's)
     batch: int = 0  # images whose maps the loss read
     memory_mode: str = ""  # "fast" | "low" as the step ran, "unguided" after running out of memory
+    forward: str = ""  # "batched": cond and uncond rows in one forward with autograd; "split": apart
 
 
 NO_MAPS = "no attention maps were captured for this step"
 
 
-def _report(layers, objective: Objective, settings: GuidanceSettings, sigma: Tensor, loss: Tensor) -> StepReport:
-    spatial_only = replace(settings.loss, orthogonal="none", presence_weight=0.0, balance_weight=0.0)
+def _values(terms: Terms, grad: Tensor | None) -> Tensor:
+    """The report's numbers as one device tensor: loss, spatial term, box terms (NaN without
+    boxes), gradient norm (0 without a gradient)."""
     with torch.no_grad():
-        detached = [(level, maps.detach()) for level, maps in layers]
-        spatial = step_loss(detached, objective.pairs, spatial_only)
-        box = float("nan")
-        if objective.has_boxes:
-            box = float(objective_loss(detached, replace(objective, pairs=(), presence=0.0, separation=0.0),
-                                       settings.loss))
-    return StepReport(float(sigma.max()), float(loss.detach()), float(spatial), box,
-                      maps_dtype=str(layers[0][1].dtype).removeprefix("torch."), batch=layers[0][1].shape[0])
+        loss = terms.loss.detach()
+        parts = terms.per_image
+        spatial = parts["spatial"].detach().sum() if "spatial" in parts else torch.zeros_like(loss)
+        box = parts["boxes"].detach().sum() if "boxes" in parts else torch.full_like(loss, float("nan"))
+        norm = grad.norm().to(loss.dtype) if grad is not None else torch.zeros_like(loss)
+        return torch.stack((loss, spatial, box, norm))
 
 
-def _unguided(sigma: Tensor) -> StepReport:
+def _report(values: Tensor, sigma: float, layers, took_gradient: bool) -> StepReport:
+    """The StepReport of a step, its numbers read from the device once."""
+    loss, spatial, box, norm = values.tolist()
+    report = StepReport(sigma, loss, spatial, box, grad_norm=norm,
+                        maps_dtype=str(layers[0][1].dtype).removeprefix("torch."), batch=layers[0][1].shape[-4])
+    if took_gradient:
+        if not math.isfinite(loss):
+            report.skipped = "loss is not finite"
+        elif not math.isfinite(norm):
+            report.skipped = "gradient is not finite"
+        else:
+            report.applied = True
+    return report
+
+
+def _unguided(sigma: float) -> StepReport:
     nan = float("nan")
-    return StepReport(float(sigma.max()), nan, nan, skipped=NO_MAPS)
+    return StepReport(sigma, nan, nan, skipped=NO_MAPS)
 
 
 def guided_step(predict: Callable[[Tensor], Tensor], x: Tensor, sigma: Tensor,
                 store: CaptureStore, settings: GuidanceSettings,
-                objective: Objective | None = None) -> tuple[Tensor, StepReport]:
+                objective: Objective | None = None, sigma_value: float | None = None) -> tuple[Tensor, StepReport]:
     """One InfSplign step around the sampler's own prediction.
 
     `predict(x)` is the sampler's batched cond/uncond forward returning the denoised x0.
@@ -137,8 +152,14 @@ def guided_step(predict: Callable[[Tensor], Tensor], x: Tensor, sigma: Tensor,
     to the detached prediction. Strength 0 only observes the loss. A non-finite loss or
     gradient, or a step on which no maps were captured, leaves the prediction unguided and
     says so in the report. `objective`: the terms of this step (default: the relations).
+
+    Nothing inside waits for the device: the forward, the loss and the backward are queued
+    as they come, a non-finite loss or gradient is caught on the device (the prediction
+    stays unguided there), and the report's numbers are read once, after the step.
+    `sigma_value`: the step's sigma as a number, when the caller has it (else read here).
     """
     objective = objective if objective is not None else Objective(store.pairs)
+    sigma_value = float(sigma.max()) if sigma_value is None else sigma_value
     store.capturing = True
     try:
         if settings.strength == 0:
@@ -146,28 +167,23 @@ def guided_step(predict: Callable[[Tensor], Tensor], x: Tensor, sigma: Tensor,
                 denoised = predict(x)
                 layers = store.take()
                 if not layers:
-                    return denoised, _unguided(sigma)
-                return denoised, _report(layers, objective, settings, sigma, objective_loss(layers, objective, settings.loss))
+                    return denoised, _unguided(sigma_value)
+                values = _values(objective_terms(layers, objective, settings.loss), None)
+            return denoised, _report(values, sigma_value, layers, took_gradient=False)
         with grad_enabled():
             x_leaf = grad_leaf(x)
             denoised = predict(x_leaf)
             store.capturing = False
             layers = store.take()
             if not layers:  # e.g. every cond saw only a crop of the latent: nothing to guide on
-                return denoised.detach(), _unguided(sigma)
-            loss = objective_loss(layers, objective, settings.loss)
-            report = _report(layers, objective, settings, sigma, loss)
-            if not torch.isfinite(loss):
-                report.skipped = "loss is not finite"
-                return denoised.detach(), report
-            (grad,) = torch.autograd.grad(loss, x_leaf)
+                return denoised.detach(), _unguided(sigma_value)
+            terms = objective_terms(layers, objective, settings.loss)
+            (grad,) = torch.autograd.grad(terms.loss, x_leaf)
         denoised = denoised.detach()
-        report.grad_norm = float(grad.norm())
-        if not math.isfinite(report.grad_norm):
-            report.skipped = "gradient is not finite"
-            return denoised, report
-        report.applied = True
-        return guided_denoised(denoised, grad.to(denoised.dtype), sigma.to(denoised.device), settings.strength), report
+        values = _values(terms, grad)
+        finite = torch.isfinite(terms.loss.detach() + values[3])  # loss and gradient both finite
+        guided = guided_denoised(denoised, grad.to(denoised.dtype), sigma.to(denoised.device), settings.strength)
+        return torch.where(finite, guided, denoised), _report(values, sigma_value, layers, took_gradient=True)
     finally:
         store.capturing = False
-        store.take()
+        store.discard()

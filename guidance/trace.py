@@ -2,9 +2,12 @@
 
 Per recorded step: the objects' maps (mean over the captured layers, at one resolution of
 at most MAX_SIDE pixels a side), their centroids (the loss's own statistics, mean over
-layers), the loss and its spatial term per image, and whether the step was guided. Only
+layers), the loss and its spatial term per image, each term of the run's objective per image
+(relations, boxes, presence, separation: `term_losses`), and whether the step was guided. Only
 the first MAX_IMAGES images of a batch are kept, and a Trace keeps the last MAX_RUNS
-finished runs. Everything is a float32 CPU tensor or a number; nothing holds a graph.
+finished runs. While a run samples, each step's maps stay as the capture computed them
+(detached, on their device); when it finishes they are summarised, all steps together,
+into float32 CPU tensors and numbers. Nothing holds a graph.
 
 A run is added to its Trace only when sampling finished, with a fingerprint of the
 sampler's output latent, so a preview can pick the run that produced a given LATENT and
@@ -22,8 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention_stats import at_least_float32, object_stats
+from .boxes import LayoutSettings
 from .capture import box_slots, object_slots
-from .losses import LossSettings, Pair, layer_loss, offsets
+from .losses import LossSettings, Objective, Pair, layer_loss, objective_terms, offsets
 from .relations import SpatialRelations
 
 MAX_RUNS = 8  # finished runs a Trace keeps
@@ -31,6 +35,7 @@ MAX_IMAGES = 8  # images of a batch whose maps and losses are kept
 MAX_SIDE = 32  # longest side of the kept maps
 SIGMA_TOLERANCE = 1e-4  # relative: a prediction's sigma is a schedule step's within this
 AUTO_STEPS = 6
+TERMS = ("relations", "boxes", "presence", "separation")  # the terms an Objective sums, in this order
 
 
 def object_names(relations: SpatialRelations) -> tuple[str, ...]:
@@ -85,26 +90,95 @@ class StepRecord:
     spatial: Tensor  # (B',) spatial term per image
     in_window: bool  # inside the guidance window (guided, or observed at strength 0)
     applied: bool  # guidance changed this step's prediction
+    terms: dict = field(default_factory=dict)  # term name (TERMS) -> (B',) its weighted value per image
 
 
 def summarise(layers: Sequence[tuple[str, Tensor]], pairs: Sequence[Pair], settings: LossSettings,
               max_images: int = MAX_IMAGES) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(maps, centroids, loss, spatial) of one step's captured layers [(level, (B, K, h, w))],
-    detached, first `max_images` images, float32 on the CPU."""
+    """(maps, centroids, loss, spatial) of one step's captured layers [(level, maps)], maps
+    of one layer (B, K, h, w) or of a group of layers (L, B, K, h, w) each: detached, the
+    first `max_images` images, float32 on the CPU."""
+    maps, centres, loss, spatial = summarise_steps([_grouped(layers, max_images)], pairs, settings)
+    return maps[0], centres[0], loss[0], spatial[0]
+
+
+def _grouped(layers: Sequence[tuple[str, Tensor]], max_images: int = MAX_IMAGES) -> tuple[tuple[str, Tensor], ...]:
+    """A step's maps as groups (level, (L, B', K, h, w)), detached, the first images only."""
+    out = []
+    for level, m in layers:
+        m = m.detach() if m.requires_grad else m
+        m = m.unsqueeze(0) if m.dim() == 4 else m
+        out.append((level, m[:, :max_images] if m.shape[1] > max_images else m))
+    return tuple(out)
+
+
+def summarise_steps(steps: Sequence[Sequence[tuple[str, Tensor]]], pairs: Sequence[Pair],
+                    settings: LossSettings) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """summarise for S steps whose groups have equal shapes, computed together: maps
+    (S, B', K, h', w'), centroids (S, B', K, 2), loss and spatial term (S, B'), each the mean
+    over the captured layers, float32 on the CPU."""
     spatial_only = replace(settings, orthogonal="none", presence_weight=0.0, balance_weight=0.0)
     with torch.no_grad():
-        layers = [(level, at_least_float32(m.detach()[:max_images]).float()) for level, m in layers]
-        loss = torch.stack([layer_loss(m, pairs, level, settings) for level, m in layers]).mean(dim=0)
-        spatial = torch.stack([layer_loss(m, pairs, level, spatial_only) for level, m in layers]).mean(dim=0)
-        centres = torch.stack([object_stats(m, settings.threshold)[0] for _, m in layers]).mean(dim=0)
-        size = display_size([tuple(m.shape[-2:]) for _, m in layers])
-        maps = torch.stack([resample(m, size) for _, m in layers]).mean(dim=0)
+        groups = [(level, at_least_float32(m).float()) for level, m in _stacked_steps(steps)]
+        layers = sum(m.shape[1] for _, m in groups)
+        loss = sum(layer_loss(m, pairs, level, settings).sum(dim=1) for level, m in groups) / layers
+        spatial = sum(layer_loss(m, pairs, level, spatial_only).sum(dim=1) for level, m in groups) / layers
+        centres = sum(object_stats(m, settings.threshold)[0].sum(dim=1) for _, m in groups) / layers
+        size = display_size([tuple(m.shape[-2:]) for _, m in groups])
+        maps = sum(_resampled(m, size).sum(dim=1) for _, m in groups) / layers
     return maps.cpu(), centres.cpu(), loss.cpu(), spatial.cpu()
+
+
+def term_losses(layers: Sequence[tuple[str, Tensor]], objective: Objective, settings: LossSettings,
+                max_images: int = MAX_IMAGES) -> dict[str, Tensor]:
+    """Each term of `objective` per image (B',) (TERMS: relations, boxes, presence,
+    separation; those it has), weighted as the objective's loss sums it and averaged over the
+    layers: their sum is the objective's loss per image. `layers`: [(level, maps)] of one
+    layer (B, K, h, w) or a group (L, B, K, h, w) each; `settings`: the relations' loss."""
+    groups = [(level, m.unsqueeze(0)) for level, m in _grouped(layers, max_images)]  # (S=1, L, B', ...)
+    return {name: t[0] for name, t in _terms(groups, objective, settings).items()}
+
+
+def _terms(groups: Sequence[tuple[str, Tensor]], objective: Objective, settings: LossSettings) -> dict[str, Tensor]:
+    """term_losses of S steps at once, groups (S, L, B', K, h, w) -> {term: (S, B')}."""
+    s, b = groups[0][1].shape[0], groups[0][1].shape[2]
+    with torch.no_grad():
+        flat = [(level, at_least_float32(m.transpose(0, 1).reshape(m.shape[1], s * b, *m.shape[3:])).float())
+                for level, m in groups]  # (L, S*B', K, h, w): the steps' images side by side
+        per_image = objective_terms(flat, objective, settings).per_image
+    return {name: per_image[name].view(s, b).cpu() for name in TERMS if name in per_image and (
+        name != "relations" or objective.has_relations)}
+
+
+def _stacked_steps(steps: Sequence[Sequence[tuple[str, Tensor]]]) -> list[tuple[str, Tensor]]:
+    """Steps of equal group shapes as groups (level, (S, L, B', K, h, w))."""
+    return [(level, torch.stack([step[g][1] for step in steps])) for g, (level, _) in enumerate(steps[0])]
+
+
+def _resampled(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """resample over any leading dimensions: (..., K, h, w) -> (..., K, *size)."""
+    lead = maps.shape[:-3]
+    return resample(maps.reshape(-1, *maps.shape[-3:]), size).view(*lead, maps.shape[-3], *size)
+
+
+@dataclass
+class _Recorded:
+    """A step as recorded during sampling: its maps on their device, summarised later."""
+
+    index: int
+    sigma: float
+    layers: tuple[tuple[str, Tensor], ...]  # (level, (L, B', K, h, w)) detached
+    in_window: bool
+    applied: bool
 
 
 @dataclass
 class RunTrace:
-    """One sampling run, filled step by step while it samples; `fingerprint` once finished."""
+    """One sampling run, filled step by step while it samples; `fingerprint` once finished.
+
+    A step's maps are kept as the capture computed them (on their device, detached, the
+    first MAX_IMAGES images) and summarised when the run finishes, all steps at once: the
+    recording itself costs a step no operation and no wait for the device."""
 
     objects: tuple[str, ...]
     pairs: tuple[Pair, ...]
@@ -112,15 +186,27 @@ class RunTrace:
     guided: bool = False  # a guidance node was on the model
     batch: int = 0
     schedule: tuple[float, ...] = ()  # the sampler's sigmas, the last one 0
-    steps: dict[int, StepRecord] = field(default_factory=dict)
     fingerprint: str = ""
     failed: str = ""  # why recording stopped, if it did
     boxes: tuple[tuple[int, tuple[float, float, float, float]], ...] = ()  # (map slot, x0, y0, x1, y1)
     refinement: object = None  # guidance.refine.RefineReport of InfSplign Refine's step, if it ran
+    # the terms that guide the run's steps, with the nodes' weights (None: the relations' alone);
+    # every recorded step gets each of them (StepRecord.terms), guided or observed
+    objective: Objective | None = None
+    layout: LayoutSettings | None = None  # InfSplign Layout Boxes' settings, when the run has boxes
+    _recorded: dict[int, _Recorded] = field(default_factory=dict)
+    _steps: dict[int, StepRecord] = field(default_factory=dict)
 
     @property
     def total_steps(self) -> int:
         return max(len(self.schedule) - 1, 0)
+
+    @property
+    def steps(self) -> dict[int, StepRecord]:
+        """The recorded steps by schedule position (summarised on first use)."""
+        if self._recorded:
+            self.summarise()
+        return self._steps
 
     def step_index(self, sigma: float) -> int | None:
         """The schedule step whose sigma this is (None for a sampler's sub-step)."""
@@ -130,22 +216,40 @@ class RunTrace:
         return None
 
     def record(self, sigma: float, schedule: Sequence[float], layers: Sequence[tuple[str, Tensor]],
-               in_window: bool, applied: bool) -> StepRecord | None:
-        """Keep one step's maps; a later prediction at the same schedule sigma replaces an
-        earlier one (second-order samplers evaluate some sigmas twice)."""
+               in_window: bool, applied: bool) -> int | None:
+        """Keep one step's maps [(level, maps)] (one layer's (B, K, h, w) or a group's
+        (L, B, K, h, w)); a later prediction at the same schedule sigma replaces an earlier
+        one (second-order samplers evaluate some sigmas twice). Returns the step's index,
+        None for a sampler's sub-step (not kept). `schedule`: the run's sigmas, read once."""
         if not self.schedule:
             self.schedule = tuple(float(s) for s in schedule)
         index = self.step_index(sigma)
         if index is None or not layers:
             return None
-        self.batch = max(self.batch, layers[0][1].shape[0])
-        maps, centres, loss, spatial = summarise(layers, self.pairs, self.settings)
-        rec = StepRecord(index, sigma, maps, centres, loss, spatial, in_window, applied)
-        self.steps[index] = rec
-        return rec
+        self.batch = max(self.batch, layers[0][1].shape[-4])
+        self._recorded[index] = _Recorded(index, sigma, _grouped(layers), in_window, applied)
+        return index
+
+    def summarise(self) -> None:
+        """Turn the recorded steps into StepRecords (float32, on the CPU), steps of equal
+        shapes together."""
+        recorded, self._recorded = self._recorded, {}
+        classes: dict[tuple, list[_Recorded]] = {}
+        for rec in recorded.values():
+            shape = tuple((level, tuple(m.shape)) for level, m in rec.layers)
+            classes.setdefault(shape, []).append(rec)
+        objective = self.objective if self.objective is not None else Objective(self.pairs)
+        for recs in classes.values():
+            steps = [r.layers for r in recs]
+            maps, centres, loss, spatial = summarise_steps(steps, self.pairs, self.settings)
+            terms = _terms(_stacked_steps(steps), objective, self.settings)
+            for i, r in enumerate(recs):
+                self._steps[r.index] = StepRecord(r.index, r.sigma, maps[i], centres[i], loss[i], spatial[i],
+                                                  r.in_window, r.applied, {n: t[i] for n, t in terms.items()})
 
     def ordered(self) -> list[StepRecord]:
-        return [self.steps[i] for i in sorted(self.steps)]
+        steps = self.steps
+        return [steps[i] for i in sorted(steps)]
 
     def deltas(self, rec: StepRecord) -> Tensor:
         """(B', P) signed offsets Delta of each relation on the step's centroids (> margin: holds)."""
@@ -160,13 +264,17 @@ class Trace:
         self.objects = object_names(relations)
         self.pairs = object_slots(relations)[1]
         self.boxes = tuple(zip(box_slots(relations), (b.box.corners for b in relations.boxes)))
+        self.layout = relations.layout if relations.boxes else None
         self.runs: deque[RunTrace] = deque(maxlen=max_runs)
 
-    def start(self, settings: LossSettings, guided: bool) -> RunTrace:
-        """A run to fill; it joins the trace only through `finish`."""
-        return RunTrace(self.objects, self.pairs, settings, guided, boxes=self.boxes)
+    def start(self, settings: LossSettings, guided: bool, objective: Objective | None = None) -> RunTrace:
+        """A run to fill; it joins the trace only through `finish`. `objective`: the terms
+        that guide its steps (default: the relations')."""
+        return RunTrace(self.objects, self.pairs, settings, guided, boxes=self.boxes, objective=objective,
+                        layout=self.layout)
 
     def finish(self, run: RunTrace, output: Tensor) -> None:
+        run.summarise()
         run.fingerprint = fingerprint(output)
         self.runs.append(run)
 

@@ -1,16 +1,25 @@
-"""Writes example workflows a, b, c, e and f (UI format, as the ComfyUI frontend saves them).
+"""Writes example workflows a, b, c, e and f (UI format, as the ComfyUI frontend saves them),
+and the saved view of all six.
 
-    .venv/bin/python host/make_example_workflows.py        # rewrite example_workflows/{a,b,c,e,f}_*.json
+    .venv/bin/python host/make_example_workflows.py        # rewrite example_workflows/{a,b,c,e,f} - *.json
     .venv/bin/python host/make_example_workflows.py --check  # exit 1 if a committed file differs
 
-Workflow d (the demo model) is edited by hand and not written here. Each node's sockets
-and widgets are in host/workflow_schema.py; tests/tier3/test_example_workflows.py checks
-every file against a real server's /object_info and runs it. Layout: columns left to right, in the order data flows.
+Workflow d (the demo model) is edited by hand; only its saved view is written here. Each
+node's sockets and widgets are in host/workflow_schema.py; tests/tier3/test_example_workflows.py
+checks every file against a real server's /object_info and runs it. Layout: columns left to
+right, in the order data flows. File names are the titles ComfyUI's Templates dialog shows;
+host/make_thumbnails.py draws the thumbnail it shows beside each.
+
+Saved view (extra.ds): opened in a 1920 x 1080 window, the frontend's own bars cover the
+left side bar (x < 60 px), the tabs, breadcrumb and Run bar (y < 135 px) and the minimap
+(x > 1655, y > 815 px), on frontend 1.32 and 1.49 alike; the view puts the whole graph in
+the rest (FREE), as large as fits (tests/tier4 checks it in the real frontends).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -94,9 +103,45 @@ class Workflow:
         return {
             "last_node_id": len(self.nodes), "last_link_id": len(self.links),
             "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "info": self.info},
+            "extra": {"ds": view(self.nodes), "info": self.info},
             "version": 0.4,
         }
+
+
+# The part of a 1920 x 1080 window where nodes are not under the frontend's bars: x0, y0, x1, y1;
+# and the minimap's corner (x > MINIMAP[0] and y > MINIMAP[1] is covered).
+FREE = (70, 140, 1905, 1065)
+MINIMAP = (1650, 810)
+TITLE = 30  # the title bar LiteGraph draws above a node's pos
+
+
+def view(nodes: list[dict]) -> dict:
+    """extra.ds that shows every node (title bars included) inside FREE and off the minimap:
+    the larger scale of fitting the graph beside the minimap or above it, at most 1, its
+    top-left corner at FREE's."""
+    x0 = min(n["pos"][0] for n in nodes)
+    y0 = min(n["pos"][1] - TITLE for n in nodes)
+    x1 = max(n["pos"][0] + n["size"][0] for n in nodes)
+    y1 = max(n["pos"][1] + n["size"][1] for n in nodes)
+    w, h = x1 - x0, y1 - y0
+    beside = min((MINIMAP[0] - FREE[0]) / w, (FREE[3] - FREE[1]) / h)
+    above = min((FREE[2] - FREE[0]) / w, (MINIMAP[1] - FREE[1]) / h)
+    scale = math.floor(min(1.0, max(beside, above)) * 1000) / 1000
+    # the canvas shows graph point p at (p + offset) * scale
+    return {"scale": scale, "offset": [math.ceil((FREE[0] / scale - x0) * 10) / 10,
+                                       math.ceil((FREE[1] / scale - y0) * 10) / 10]}
+
+
+def template_view(nodes: list[dict]) -> dict:
+    """The view frontend 1.49 opens a template at (it ignores extra.ds there): the nodes'
+    bounds, title bars and 10 px around included, fitted into 75 % of the 1920 x 1080 window
+    and centred (LGraphCanvas.ds.fitToBounds)."""
+    x0 = min(n["pos"][0] for n in nodes) - 10
+    y0 = min(n["pos"][1] - TITLE for n in nodes) - 10
+    w = max(n["pos"][0] + n["size"][0] for n in nodes) + 10 - x0
+    h = max(n["pos"][1] + n["size"][1] for n in nodes) + 10 - y0
+    scale = min(0.75 * 1920 / max(w, 300), 0.75 * 1080 / max(h, 300))
+    return {"scale": scale, "offset": [-x0 - w / 2 + 1920 / scale / 2, -y0 - h / 2 + 1080 / scale / 2]}
 
 
 # Columns (x) and node sizes shared by the three workflows.
@@ -181,7 +226,7 @@ def sdxl_guider_custom_sampler() -> dict:
 
 def sd15_lora_controlnet() -> dict:
     w = Workflow("InfSplign on SD1.5 next to a LoRA and a canny ControlNet.")
-    x = [40, 420, 800, 1180, 1560, 1940, 2200]
+    x = [40, 400, 760, 1120, 1480, 1840, 2090]
     ckpt = w.node("CheckpointLoaderSimple", (x[0], 80), (320, 100), ["v1-5-pruned-emaonly.safetensors"])
     lora = w.node("LoraLoader", (x[1], 80), (320, 130), ["your_sd15_lora.safetensors", 1.0, 1.0])
     t = prompt_and_parse(w, (lora, 1), "a cat to the left of a dog", x[2], 230)
@@ -199,7 +244,7 @@ def sd15_lora_controlnet() -> dict:
     apply = w.node("InfSplignApply", (x[3], 330), (320, 310), list(GUIDANCE_DEFAULTS))
     sampler = w.node("KSampler", (x[4], 80), (320, 270), [42, "fixed", 20, 7.0, "euler", "normal", 1.0])
     decode = w.node("VAEDecode", (x[5], 80), (210, 50))
-    save = w.node("SaveImage", (x[6], 80), (420, 460), ["infsplign/sd15_lora_controlnet"])
+    save = w.node("SaveImage", (x[6], 80), (300, 460), ["infsplign/sd15_lora_controlnet"])
     w.link(ckpt, 0, lora, "model")
     w.link(ckpt, 1, lora, "clip")
     w.link(image, 0, canny, "image")
@@ -224,23 +269,24 @@ def demo_model_layout_boxes() -> dict:
     text = "a red circle and a blue square"
     boxes = json.dumps([{"object": "red circle", "box": [0.06, 0.08, 0.4, 0.42]},
                         {"object": "blue square", "box": [0.58, 0.55, 0.92, 0.89]}])
-    model = w.node("InfSplignDemoModelLoader", (X[0], 80), (320, 100), ["default"])
-    prompt = w.node("PrimitiveStringMultiline", (X[0], 230), (320, 130), [text], title="Prompt")
-    w.note((X[0], 410), (320, 300),
+    x = [40, 370, 700, 1090, 1420, 1750, 1980]  # narrower columns: the graph fits a window at zoom 0.65
+    model = w.node("InfSplignDemoModelLoader", (x[0], 80), (300, 100), ["default"])
+    prompt = w.node("PrimitiveStringMultiline", (x[0], 230), (300, 130), [text], title="Prompt")
+    w.note((x[0], 410), (300, 310),
            "**Layout boxes on the demo model**\n\nNeeds no model file. Draw a box per object on "
            "*InfSplign Layout Boxes* (drag on the frame; pick the object above it; drag a box to move it, "
            "its corner to resize, double-click to delete): the boxes go into its `boxes` text as JSON. "
            "Early steps bias each object's attention toward its box (injection), later ones pull it in "
            "with the box loss. The preview draws the boxes over the maps.")
-    pos = w.node("CLIPTextEncode", (X[1], 80), (320, 90), [text], title="Positive")
-    neg = w.node("CLIPTextEncode", (X[1], 220), (320, 90), [""], title="Negative")
-    latent = w.node("EmptyLatentImage", (X[1], 360), (320, 110), [128, 128, 4])
-    layout = w.node("InfSplignLayout", (X[2], 80), (360, 640), [text, boxes, *LAYOUT_DEFAULTS, 128, 128])
-    apply = w.node("InfSplignApply", (X[3] + 40, 80), (320, 310), list(LAYOUT_GUIDANCE))
-    sampler = w.node("KSampler", (1600, 80), (320, 270), [7, "fixed", 20, 5.0, "euler", "normal", 1.0])
-    decode = w.node("VAEDecode", (1980, 80), (210, 50))
-    save = w.node("SaveImage", (2240, 80), (420, 420), ["infsplign_demo/layout_boxes"])
-    preview = w.node("InfSplignAttentionPreview", (1980, 560), (900, 700), ["auto", 128],
+    pos = w.node("CLIPTextEncode", (x[1], 80), (300, 90), [text], title="Positive")
+    neg = w.node("CLIPTextEncode", (x[1], 220), (300, 90), [""], title="Negative")
+    latent = w.node("EmptyLatentImage", (x[1], 360), (300, 110), [128, 128, 4])
+    layout = w.node("InfSplignLayout", (x[2], 80), (360, 640), [text, boxes, *LAYOUT_DEFAULTS, 128, 128])
+    apply = w.node("InfSplignApply", (x[3], 80), (300, 310), list(LAYOUT_GUIDANCE))
+    sampler = w.node("KSampler", (x[4], 80), (300, 270), [7, "fixed", 20, 5.0, "euler", "normal", 1.0])
+    decode = w.node("VAEDecode", (x[5], 80), (200, 50))
+    save = w.node("SaveImage", (x[6], 80), (250, 250), ["infsplign_demo/layout_boxes"])
+    preview = w.node("InfSplignAttentionPreview", (x[5], 380), (480, 340), ["auto", 128],
                      title="Attention preview (boxes drawn)")
     for node in (pos, neg, layout):
         w.link(model, 1, node, "clip")
@@ -282,11 +328,11 @@ def demo_model_refine() -> dict:
                    title="KSampler (unrefined)")
     refined = w.node("KSampler", (X[3], 420), (320, 270), [7, "fixed", 20, 5.0, "euler", "normal", 1.0],
                      title="KSampler (refined)")
-    decode_plain = w.node("VAEDecode", (1600, 80), (210, 50))
-    decode_refined = w.node("VAEDecode", (1600, 420), (210, 50))
-    save_plain = w.node("SaveImage", (1860, 80), (420, 300), ["infsplign_demo/unrefined"])
-    save_refined = w.node("SaveImage", (1860, 420), (420, 300), ["infsplign_demo/refined"])
-    preview = w.node("InfSplignAttentionPreview", (2330, 80), (900, 800), ["auto", 128],
+    decode_plain = w.node("VAEDecode", (1540, 80), (210, 50))
+    decode_refined = w.node("VAEDecode", (1540, 420), (210, 50))
+    save_plain = w.node("SaveImage", (1790, 80), (420, 300), ["infsplign_demo/unrefined"])
+    save_refined = w.node("SaveImage", (1790, 420), (420, 300), ["infsplign_demo/refined"])
+    preview = w.node("InfSplignAttentionPreview", (1540, 770), (650, 560), ["auto", 128],
                      title="Attention preview (refined run)")
     for node in (pos, neg, parse):
         w.link(model, 1, node, "clip")
@@ -309,16 +355,31 @@ def demo_model_refine() -> dict:
 
 
 WORKFLOWS = {
-    "a_sd15_ksampler.json": sd15_ksampler,
-    "b_sdxl_guider_custom_sampler.json": sdxl_guider_custom_sampler,
-    "c_sd15_lora_controlnet.json": sd15_lora_controlnet,
-    "e_demo_model_layout_boxes.json": demo_model_layout_boxes,
-    "f_demo_model_refine.json": demo_model_refine,
+    "a - InfSplign on SD1.5 with KSampler.json": sd15_ksampler,
+    "b - InfSplign Guider on SDXL, custom sampler.json": sdxl_guider_custom_sampler,
+    "c - InfSplign with a LoRA and a ControlNet.json": sd15_lora_controlnet,
+    "e - Demo model, layout boxes.json": demo_model_layout_boxes,
+    "f - Demo model, InfSplign Refine.json": demo_model_refine,
 }
+HAND_EDITED = "d - Demo model, unguided vs InfSplign.json"  # only its saved view is written here
+
+
+def with_view(workflow: dict) -> dict:
+    """The hand-edited workflow with its saved view set by view()."""
+    workflow = json.loads(json.dumps(workflow))
+    workflow.setdefault("extra", {})["ds"] = view(workflow["nodes"])
+    return workflow
 
 
 def render(workflow: dict) -> str:
     return json.dumps(workflow, indent=1, ensure_ascii=False) + "\n"
+
+
+def outputs() -> dict[str, str]:
+    """File name -> the text it must hold."""
+    texts = {name: render(build()) for name, build in WORKFLOWS.items()}
+    texts[HAND_EDITED] = render(with_view(json.loads((OUT / HAND_EDITED).read_text())))
+    return texts
 
 
 def main(argv=None) -> int:
@@ -326,12 +387,12 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true", help="compare with the files, write nothing")
     args = ap.parse_args(argv)
     stale = []
-    for name, build in WORKFLOWS.items():
-        text, path = render(build()), OUT / name
+    for name, text in outputs().items():
+        path = OUT / name
         if args.check:
             if not path.is_file() or path.read_text() != text:
                 stale.append(name)
-        else:
+        elif not path.is_file() or path.read_text() != text:
             path.write_text(text)
             print(f"wrote {path.relative_to(ROOT)}")
     if stale:

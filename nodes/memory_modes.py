@@ -36,6 +36,9 @@ from . import memory_estimate, unet_layers
 log = logging.getLogger("infsplign")
 
 HEADROOM = 1.25  # the counted extra times this, plus MARGIN, must be free for `fast`
+# The design of a `fast` step's forward, "batched" or "split" (None: chosen per step, see
+# MemoryPlan.batched). Benchmarks and tests set it to measure one design on any device.
+FORCE_DESIGN: str | None = None
 MARGIN = 256 * 2**20  # what the count leaves out: ControlNet, other packs' patches, fragmentation
 OVERRIDE = "optimized_attention_override"
 INFERENCE_REFUSED = "Inference tensors cannot be saved for backward"
@@ -56,6 +59,9 @@ class MemoryPlan:
     extra: dict[str, int] = field(default_factory=dict)  # the counts made so far
     reserved: str = ""  # the mode whose extra was added to ComfyUI's reservation
     fallback: str = ""  # "low" after an out-of-memory error in fast, "unguided" after one in low
+    # after autograd refused an inference tensor: `low` copies those of every operation it
+    # recomputes, not only of modules whose own weights are inference tensors
+    copy_everywhere: bool = False
     warned: str = ""  # the last warning given for this run's memory (each is given once)
 
     def needed(self, mode: str) -> int:
@@ -63,6 +69,18 @@ class MemoryPlan:
         if mode not in self.extra:
             self.extra[mode] = self.count(mode)
         return int(self.extra[mode] * HEADROOM) + MARGIN
+
+    def batched(self, mode: str) -> bool:
+        """Does a guided step in `mode` run the cond and uncond rows in one forward with
+        autograd? On a GPU in `fast` when its counted extra (the uncond rows' activations
+        kept too) fits the free memory: one forward instead of two, which on a GPU, where a
+        step costs what the host dispatches, is the cheaper step. On a CPU the second forward
+        costs less than a backward over twice the rows: split. `low` always splits."""
+        if FORCE_DESIGN is not None:
+            return FORCE_DESIGN == "batched" and mode == "fast"
+        if mode != "fast" or self.device.type == "cpu":
+            return False
+        return self.needed("fast+batched") <= mm.get_free_memory(self.device)
 
     def step_mode(self) -> str:
         """The mode of the next guided step ("unguided" once both modes ran out of memory)."""
@@ -80,10 +98,13 @@ def plan_run(model, store: CaptureStore, requested: str, noise_shape) -> MemoryP
     device = model.load_device
     batch, hw = int(noise_shape[0]), tuple(int(s) for s in noise_shape[2:4])
 
-    def count(mode: str) -> int:
-        # (two probe objects: the objects' maps are a few kilobytes of the count)
+    def count(key: str) -> int:
+        # key: "fast", "low" or "fast+batched"; (two probe objects: the objects' maps are a
+        # few kilobytes of the count)
+        mode, _, design = key.partition("+")
         return memory_estimate.estimate(model, batch, hw, mode, attention_kind(device), store.layers,
-                                        memory_estimate.PROBE_RELATIONS, store.relations.sequence_length).extra
+                                        memory_estimate.PROBE_RELATIONS, store.relations.sequence_length,
+                                        batched=design == "batched").extra
     return MemoryPlan(requested, device, count)
 
 
@@ -124,32 +145,61 @@ def more_memory_required(base_model, extra: int):
 
 
 @contextlib.contextmanager
-def guided_forward(inner_model, store: CaptureStore, mode: str, transformer_options: dict):
-    """The guided step's forward (and its backward, which runs inside guided_step) in `mode`."""
+def guided_forward(inner_model, store: CaptureStore, mode: str, transformer_options: dict, batched: bool = False,
+                   copy_everywhere: bool = False):
+    """The guided step's forward (and its backward, which runs inside guided_step) in `mode`;
+    `batched`: the cond and uncond rows in one forward (MemoryPlan.batched);
+    `copy_everywhere`: MemoryPlan.copy_everywhere."""
     unet = inner_model.diffusion_model
     last = max(layer.block for layer in store.layers)
+    walked = _walked(store, inner_model, last)
     if mode == "low":
-        units = unet_layers.recompute_units(unet, last)
+        units = walked["units"]
     else:
-        units = [m for m in unet_layers.graph_modules(unet, last) if unet_layers.streams_weights(m)]
+        units = [m for m in walked["graph"] if unet_layers.streams_weights(m)]
     # Resident weights become normal tensors once (the same values, no copy kept: the module
     # holds the new ones); weights fetched per call are left alone (cloning them would copy
     # an offloaded model), and recomputed modules copy what they still get per operation.
-    make_autograd_safe(inner_model, skip=unet_layers.streams_weights)
+    make_autograd_safe(inner_model, skip=unet_layers.streams_weights, modules=walked["all"])
 
     def replaying(on: bool) -> None:
         store.replaying = on
     previous = transformer_options.get(OVERRIDE)
     transformer_options[OVERRIDE] = efficient_attention_on_cuda(previous)
+    # in `low` each captured layer's maps are computed inside its recomputed module
+    store.immediate, store.batched = mode == "low", batched
     try:
-        with weights_frozen(inner_model), recomputing(units, snapshot=unet_layers.snapshot_options,
-                                                      replaying=replaying):
+        with weights_frozen(inner_model, walked["all"]), recomputing(units, snapshot=unet_layers.snapshot_options,
+                                                      replaying=replaying,
+                                                      per_operation=(lambda m: True) if copy_everywhere
+                                                      else lambda m: holds_inference_weights(walked["inside"].get(m) or [m])):
             yield
     finally:
+        store.immediate = store.batched = False
         if previous is None:
             transformer_options.pop(OVERRIDE, None)
         else:
             transformer_options[OVERRIDE] = previous
+
+
+def _walked(store: CaptureStore, inner_model, last: int) -> dict:
+    """The model's module lists a guided step needs, walked once per run (the tree does not
+    change during a run; what its weights are is checked on every step)."""
+    key = ("modules", id(inner_model), last)
+    if key not in store.cache:
+        unet = inner_model.diffusion_model
+        units = unet_layers.recompute_units(unet, last)
+        store.cache[key] = {"all": list(inner_model.modules()), "graph": unet_layers.graph_modules(unet, last),
+                            "units": units, "inside": {m: list(m.modules()) for m in units}}
+    return store.cache[key]
+
+
+def holds_inference_weights(modules) -> bool:
+    """Does a recomputed module (its modules, itself included) compute with weights that may
+    be inference tensors (fetched per call, or left so)? Then each of its operations gets
+    normal copies (recompute.py); else only its call arguments do."""
+    return any(unet_layers.streams_weights(m) or any(p is not None and p.is_inference() for p in m._parameters.values())
+               for m in modules)
 
 
 def efficient_attention_on_cuda(previous=None, wants=lambda q: q.device.type == "cuda"):
@@ -198,6 +248,7 @@ def step_with_fallback(plan: MemoryPlan, mode: str, guided, unguided, size: str)
             if not (refused or is_oom(e)):
                 raise
             failed.append((attempt, (str(e).splitlines() or [type(e).__name__])[0][:160]))
+            plan.copy_everywhere = plan.copy_everywhere or refused
         else:
             report.memory_mode = attempt
             if failed:

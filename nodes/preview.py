@@ -78,7 +78,8 @@ class AttentionPreview:
     RETURN_TYPES = ("IMAGE", "IMAGE")
     RETURN_NAMES = ("maps", "loss_plot")
     OUTPUT_TOOLTIPS = ("Attention maps: rows per image and object, columns per step.",
-                       "Loss and its spatial term per step, one line per image.")
+                       "Per step, one line per image: each term that guided the run (relations, boxes, presence, "
+                       "separation) with its settings, their sum, and the relations' spatial term.")
     FUNCTION = "preview"
     OUTPUT_NODE = True
 

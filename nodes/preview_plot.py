@@ -1,6 +1,7 @@
-"""InfSplign Attention Preview, the loss plot: the loss per step and its spatial term, one
-line per image, the guidance window shaded; below them, when InfSplign Refine ran, its
-refinement step's loss per iteration. PIL only.
+"""InfSplign Attention Preview, the loss plot: per step, one line per image, the guidance
+window shaded: the loss, each term that guided the run (relations, boxes, presence,
+separation: a panel each, titled with its settings) and the relations' spatial term; below
+them, when InfSplign Refine ran, its refinement step's loss per iteration. PIL only.
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 
 from PIL import Image, ImageDraw
 
-from ..guidance.trace import RunTrace
+from ..guidance.trace import TERMS, RunTrace
 from .preview_maps import IMAGE_COLOURS, WINDOW, _fit, _font, _text_width, relation_text
 
 REFINE_COLOUR = (230, 120, 20)
@@ -89,8 +90,9 @@ def _panel(draw, box, run: RunTrace, values, title: str, fonts, show_x: bool):
 
 
 def render_loss(run: RunTrace, size: int) -> Image.Image:
-    """Two panels over the steps: the loss the guidance differentiates, and its spatial
-    term alone (the relation part), one line per image; InfSplign Refine's step below."""
+    """Panels over the steps, one line per image: the loss the guidance differentiates (the
+    sum of its terms, when it has several), each term titled with its settings, and the
+    relations' spatial term alone; InfSplign Refine's step below."""
     steps = _render_steps(run, size)
     if run.refinement is None or not run.refinement.losses:
         return steps
@@ -140,35 +142,90 @@ def render_refinement(report, width: int) -> Image.Image:
     return canvas
 
 
+TERM_LABELS = {"relations": "relation terms", "boxes": "box loss", "presence": "presence", "separation": "separation"}
+
+
+def plotted_terms(run: RunTrace) -> list[str]:
+    """The terms the plot shows (TERMS order): those the run's steps recorded; a run recorded
+    without them shows its relations' loss."""
+    seen = {name for r in run.steps.values() for name in r.terms}
+    return [name for name in TERMS if name in seen] or ["relations"]
+
+
+def term_series(run: RunTrace, name: str) -> list[list[float]]:
+    """One list per image: the term's value at each recorded step (NaN where it was not recorded)."""
+    records = run.ordered()
+    images = records[0].loss.shape[0] if records else 0
+
+    def value(r, b):
+        if not r.terms and name == "relations":
+            return float(r.loss[b])
+        t = r.terms.get(name)
+        return float(t[b]) if t is not None else float("nan")
+    return [[value(r, b) for r in records] for b in range(images)]
+
+
+def term_settings(run: RunTrace, name: str) -> str:
+    """The settings of the run that act on one term, for its panel's title."""
+    o, s = run.objective, run.settings
+    if name == "relations":
+        text = (f"{s.activation}, alpha {s.alpha:g}, margin {s.margin:g}, orthogonal {s.orthogonal}"
+                + (", thresholded maps" if s.threshold else ""))
+        return text + (f", weight {o.relation_weight:g}" if o is not None and o.relation_weight != 1 else "")
+    if name == "boxes":
+        text = f"{o.box_loss}, weight {o.box_weight:g}"
+        return text + (f", steps before {run.layout.box_end_percent:g}" if run.layout is not None else "")
+    return f"weight {getattr(o, name):g}, InfSplign Refine's term"
+
+
 def _render_steps(run: RunTrace, size: int) -> Image.Image:
+    records = run.ordered()
+    images = records[0].loss.shape[0] if records else 0
+    terms = plotted_terms(run)
+    series = {name: term_series(run, name) for name in terms}
+    panels = []  # (title, values per image)
+    guided = run.guided or any(r.applied for r in records)
+    lowers = ("what the guidance lowers" if guided else "what InfSplign Refine lowers" if run.refinement is not None
+              else "what guidance would lower")
+    if len(terms) > 1:
+        total = [[sum(v) for v in zip(*(series[n][b] for n in terms))] for b in range(images)]
+        panels.append((f"loss: the sum of the terms below ({lowers})", total))
+    for name in terms:
+        lowers = f" - {lowers}" if len(terms) == 1 else ""
+        panels.append((f"{TERM_LABELS[name]} ({term_settings(run, name)}){lowers}", series[name]))
+    if "relations" in terms:
+        panels.append(("spatial term (lowest when the relation clearly holds)",
+                       [[float(r.spatial[b]) for r in records] for b in range(images)]))
+
     width = max(520, 5 * size)
     panel_h = max(170, round(width * 0.3))
     small, normal, big = _font(12), _font(14), _font(16)
     left, right, top = 70, 20, 58
     legend_h = 44
-    height = top + 2 * panel_h + 40 + 34 + legend_h
+    height = top + 20 + len(panels) * (panel_h - 20) + (len(panels) - 1) * 40 + 48 + legend_h + 6
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    title = f"InfSplign loss per step: {relation_text(run)}"
+    subject = relation_text(run) or ", ".join('"' + o + '"' for o in run.objects)
+    title = f"InfSplign loss per step: {subject}"
     draw.text((12, 8), _fit(draw, title, big, width - 24), font=big, fill=(20, 20, 20))
-    records = run.ordered()
-    images = records[0].loss.shape[0] if records else 0
-    s = run.settings
-    how = (f"loss {s.activation}, alpha {s.alpha:g}, margin {s.margin:g}, orthogonal {s.orthogonal}"
-           + (", thresholded maps" if s.threshold else "")
-           + (f", maps at temperature {s.temperature:g}" if s.temperature != 1 else ""))
-    how = (f"this run's guidance settings: {how}" if run.guided
-           else f"observed only (no guidance on this model), default settings: {how}")
+    how = ", ".join(TERM_LABELS[n] for n in terms)
+    if run.settings.temperature != 1:
+        how += f"; maps at temperature {run.settings.temperature:g}"
+    if run.layout is not None and run.layout.injection > 0:
+        how += f"; attention injection {run.layout.injection:g} before {run.layout.injection_end_percent:g}"
+    if guided:
+        how = f"this run's guidance: {how}"
+    elif run.refinement is not None:
+        how = f"refined at one step by InfSplign Refine (below); observed on every step: {how}"
+    else:
+        how = f"observed only (no guidance on this model), default settings: {how}"
     draw.text((12, 30), _fit(draw, how, small, width - 24), font=small, fill=(110, 110, 110))
-    loss = [[float(r.loss[b]) for r in records] for b in range(images)]
-    spatial = [[float(r.spatial[b]) for r in records] for b in range(images)]
     y0 = top + 20
-    _panel(draw, (left, y0, width - right, y0 + panel_h - 20), run, loss,
-           "loss (what the guidance lowers)", (small, normal), False)
-    y0 += panel_h + 20
-    _panel(draw, (left, y0, width - right, y0 + panel_h - 20), run, spatial,
-           "spatial term (lowest when the relation clearly holds)", (small, normal), True)
-    y = y0 + panel_h + 2
+    for i, (panel_title, values) in enumerate(panels):
+        _panel(draw, (left, y0, width - right, y0 + panel_h - 20), run, values,
+               _fit(draw, panel_title, normal, width - left - right), (small, normal), i == len(panels) - 1)
+        y0 += panel_h - 20 + 40
+    y = y0 - 40 + 22
     draw.text(((width + left) / 2 - 14, y), "step", font=normal, fill=(20, 20, 20))
     # legend: images, then the markers and the window; wraps to a second line when needed
     y += 26

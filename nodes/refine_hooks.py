@@ -72,7 +72,8 @@ def refine_at(guider, store, x: torch.Tensor, sigma: torch.Tensor, k: int, setti
 
     def burst(mode: str):
         report.losses.clear()
-        with memory_modes.guided_forward(inner, store, mode, options):
+        with memory_modes.guided_forward(inner, store, mode, options,
+                                         copy_everywhere=plan is not None and plan.copy_everywhere):
             return refine_latent(loss_at, x, float(sigma), settings.iterations, settings.learning_rate,
                                  float(getattr(sampling, "sigma_data", 1.0)), report)
 
@@ -149,9 +150,9 @@ def continuous_wrapper(relations: SpatialRelations, settings: RefineSettings):
             return executor(x, timestep, model_options, seed)
         store = hooks.run_store(model_options, relations)
         sampling = executor.class_obj.model_patcher.get_model_object("model_sampling")
-        sigma = float(timestep.max())
+        sigma = hooks.step_sigma(timestep)
         objective, step = step_terms.with_continuous(Objective(), guidance, store, settings, sampling, sigma)
-        return hooks.guided_prediction(executor, x, timestep, model_options, seed, store, step, objective)
+        return hooks.guided_prediction(executor, x, timestep, model_options, seed, store, step, objective, sigma)
     return predict_noise
 
 

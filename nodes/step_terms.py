@@ -20,28 +20,53 @@ from ..guidance.refine import RefineSettings
 from ..guidance.step import GuidanceSettings, in_window
 
 
-def _within(sampling, sigma: float, start: float, end: float) -> bool:
-    return end > start and in_window(sigma, float(sampling.percent_to_sigma(start)),
-                                     float(sampling.percent_to_sigma(end)))
+def _sigma_at(store: CaptureStore, sampling, percent: float) -> float:
+    """model_sampling.percent_to_sigma, once per run and percent (it reads a number back
+    from the model's device)."""
+    if percent not in store.sigma_at:
+        store.sigma_at[percent] = float(sampling.percent_to_sigma(percent))
+    return store.sigma_at[percent]
+
+
+def _within(store: CaptureStore, sampling, sigma: float, start: float, end: float) -> bool:
+    return end > start and in_window(sigma, _sigma_at(store, sampling, start), _sigma_at(store, sampling, end))
 
 
 def step_objective(store: CaptureStore, settings: GuidanceSettings, sampling, sigma: float) -> Objective:
     """The loss terms of the step at `sigma` (empty outside every window)."""
     relations, layout = store.relations, store.relations.layout
-    pairs = store.pairs if _within(sampling, sigma, settings.start_percent, settings.end_percent) else ()
+    pairs = store.pairs if _within(store, sampling, sigma, settings.start_percent, settings.end_percent) else ()
     boxed = (relations.boxes and layout.box_loss != "none" and layout.box_weight > 0
-             and _within(sampling, sigma, 0.0, layout.box_end_percent))
+             and _within(store, sampling, sigma, 0.0, layout.box_end_percent))
     if not boxed:
         return Objective(pairs)
     return Objective(pairs, box_slots(relations), tuple(b.box for b in relations.boxes), layout.box_loss,
                      layout.box_weight)
 
 
+def run_objective(store: CaptureStore, settings: GuidanceSettings | None, refine: RefineSettings | None) -> Objective:
+    """Every term that guides a run, with the weights the nodes set (strengths aside), for
+    the Attention Preview's loss plot: the relations' (InfSplign's guidance, or InfSplign
+    Refine's `spatial` weight), the boxes', and InfSplign Refine's presence and separation
+    (its refined step, and every step with `continuous`). A run with none of them (Attention
+    Capture Patch alone) shows its relations' and boxes' terms, observed."""
+    relations, layout = store.relations, store.relations.layout
+    weight = refine.spatial if settings is None and refine is not None else 1.0
+    objective = Objective(store.pairs, relation_weight=weight)
+    if relations.boxes and layout.box_loss != "none" and layout.box_weight > 0:
+        objective = replace(objective, box_slots=box_slots(relations), boxes=tuple(b.box for b in relations.boxes),
+                            box_loss=layout.box_loss, box_weight=layout.box_weight)
+    if refine is not None:
+        objective = replace(objective, objects=tuple(range(len(store.groups))), presence=refine.presence,
+                            separation=refine.separation)
+    return objective
+
+
 def set_injection(store: CaptureStore, sampling, sigma: float) -> None:
     """Turn the store's attention injection on for a step inside the injection window."""
     layout = store.relations.layout
     store.injecting = bool(store.relations.boxes) and layout.injection > 0 and _within(
-        sampling, sigma, 0.0, layout.injection_end_percent)
+        store, sampling, sigma, 0.0, layout.injection_end_percent)
 
 
 def refine_objective(store: CaptureStore, refine: RefineSettings) -> Objective:
@@ -53,7 +78,7 @@ def refine_objective(store: CaptureStore, refine: RefineSettings) -> Objective:
 
 def continuous_step(store: CaptureStore, refine: RefineSettings, sampling, sigma: float) -> bool:
     return refine.continuous and refine.continuous_strength > 0 and refine.has_terms and _within(
-        sampling, sigma, 0.0, refine.continuous_end_percent)
+        store, sampling, sigma, 0.0, refine.continuous_end_percent)
 
 
 def with_continuous(objective: Objective, settings: GuidanceSettings, store: CaptureStore, refine: RefineSettings,

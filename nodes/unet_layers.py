@@ -23,7 +23,7 @@ import comfy.model_base
 import comfy.ops
 import comfy.supported_models
 from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
-from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, UNetModel, Upsample
+from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel, Upsample
 
 from ..guidance.capture import Layer
 
@@ -157,19 +157,18 @@ def snapshot_options(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 
 def recompute_units(unet: nn.Module, last_output_block: int) -> list[nn.Module]:
-    """The modules that `low` recomputes one by one, covering every computation with weights
-    on the gradient's path: each ResBlock and each transformer block (one attention
-    layer pair and its feed-forward), a SpatialTransformer's norm and projections, the
-    down/upsampling convolutions and the first convolution. Between them only their
-    inputs are kept."""
+    """The modules that `low` recomputes one by one: each ResBlock, each transformer block
+    (one attention layer pair and its feed-forward) and each Upsample (whose convolution
+    would keep the upsampled, four times larger input). Between them only their inputs are
+    kept. A module of one operation whose backward keeps nothing but its input (a
+    SpatialTransformer's norm and projections, a Downsample or the first convolution) is
+    not recomputed: checkpointing it would keep that same input and repeat the operation."""
     units: list[nn.Module] = []
     for block in graph_blocks(unet, last_output_block):
         for layer in block:
             if isinstance(layer, SpatialTransformer):
-                units += [m for m in (layer.norm, layer.proj_in) if m is not None]
                 units += [b for b in layer.transformer_blocks if isinstance(b, BasicTransformerBlock)]
-                units.append(layer.proj_out)
-            elif isinstance(layer, (ResBlock, Downsample, Upsample)) or any(True for _ in layer.parameters()):
+            elif isinstance(layer, (ResBlock, Upsample)):
                 units.append(layer)
     return units
 

@@ -12,6 +12,8 @@
 //   INFSPLIGN_MODULES    node_modules folder that holds playwright-core
 //   INFSPLIGN_CHROMIUM   the browser binary (default /usr/bin/chromium)
 //   INFSPLIGN_RUN_TIMEOUT_S  per-queue wait (default 240)
+//   INFSPLIGN_TEMPLATES  JSON list of the example workflows' names (file names without .json)
+//   INFSPLIGN_BOXES_TEMPLATE the one of them to open from the Templates dialog and run (workflow e)
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -30,11 +32,13 @@ const RESULT = env("INFSPLIGN_RESULT");
 const MODULES = env("INFSPLIGN_MODULES");
 const CHROMIUM = env("INFSPLIGN_CHROMIUM", "/usr/bin/chromium");
 const RUN_TIMEOUT = 1000 * Number(env("INFSPLIGN_RUN_TIMEOUT_S", "240"));
+const TEMPLATES = JSON.parse(env("INFSPLIGN_TEMPLATES"));
+const BOXES_TEMPLATE = env("INFSPLIGN_BOXES_TEMPLATE");
 
 const require = createRequire(path.join(path.resolve(MODULES), "noop.js"));
 const { chromium } = require("playwright-core");
 
-const result = { timings: {}, console_errors: [], page_errors: [], screenshots: {} };
+const result = { timings: {}, console_errors: [], page_errors: [], screenshots: {}, template_responses: [] };
 const t0 = Date.now();
 const mark = (name) => { result.timings[name] = (Date.now() - t0) / 1000; log(`${name} at ${result.timings[name]} s`); };
 const log = (msg) => process.stderr.write(`[browser] ${msg}\n`);
@@ -53,6 +57,26 @@ try {
   page.on("console", (m) => { if (m.type() === "error") result.console_errors.push(m.text().slice(0, 500)); });
   page.on("pageerror", (e) => result.page_errors.push(String(e?.message ?? e).slice(0, 500)));
   page.on("dialog", (d) => { result.page_errors.push(`native dialog: ${d.message()}`); d.dismiss(); });
+  page.on("response", (r) => {
+    if (r.url().includes("/api/workflow_templates")) {
+      result.template_responses.push({ url: r.url(), status: r.status(), type: r.headers()["content-type"] ?? null });
+    }
+  });
+  // Deprecation warnings and errors, with the stack that logged them: which script caused it.
+  await page.addInitScript(() => {
+    window.__infsplignWarnings = [];
+    for (const level of ["warn", "error"]) {
+      const original = console[level].bind(console);
+      console[level] = (...args) => {
+        const text = args.map((a) => String(a)).join(" ");
+        if (/deprecat/i.test(text)) {
+          window.__infsplignWarnings.push({ level, text: text.slice(0, 300), stack: String(new Error().stack).slice(0, 2000),
+                                            at: Date.now() });
+        }
+        return original(...args);
+      };
+    }
+  });
 
   await page.goto(BASE, { waitUntil: "domcontentloaded" });
   await page.waitForFunction(() => window.app?.graph && window.app?.extensionManager && window.app?.api,
@@ -80,6 +104,13 @@ try {
       window.app.api.addEventListener(ev, (e) => window.__infsplign.events.push({ ev, detail: e.detail }));
     }
   });
+
+  // 0. The Templates dialog: the pack's workflows, their titles and thumbnails; open workflow
+  //    e from it, check its saved view, run it, read its loss plot and its Layout Boxes node.
+  result.templates = await templatesCase(page);
+  mark("templates_case_done");
+  result.boxes_workflow = await boxesWorkflowCase(page);
+  mark("boxes_workflow_case_done");
 
   // 1. Markup in the prompt: rendered as text, never as HTML.
   result.markup = await markupCase(page);
@@ -257,12 +288,18 @@ async function imagesOf(page, nodeId) {
 
 async function workflowCase(page) {
   const workflow = JSON.parse(fs.readFileSync(WORKFLOW, "utf8"));
+  await closeDialogs(page);
   await page.evaluate(async (g) => { await window.app.loadGraphData(g); }, workflow);
+  await page.waitForTimeout(800);
+  const view = await viewCheck(page);
+  const viewShot = path.join(SHOTS, "workflow_d_loaded.png");
+  await page.screenshot({ path: viewShot });
+  result.screenshots.workflow_d_loaded = viewShot;
   const byType = (t) => workflow.nodes.filter((n) => n.type === t && (n.mode ?? 0) === 0).map((n) => n.id);
   const parseIds = byType("InfSplignRelationParse");
   const saveIds = byType("SaveImage").concat(byType("PreviewImage"));
   const previewIds = byType("InfSplignAttentionPreview");
-  const out = { parse_nodes: parseIds, image_nodes: saveIds, attention_preview_nodes: previewIds,
+  const out = { view, parse_nodes: parseIds, image_nodes: saveIds, attention_preview_nodes: previewIds,
                 prompt: workflow.nodes.find((n) => n.type === "PrimitiveStringMultiline")?.widgets_values?.[0] ?? null };
   out.run = await runGraph(page, "workflow");
   // Images load asynchronously after the "executed" message.
@@ -286,7 +323,7 @@ async function workflowCase(page) {
   out.summaries = await page.evaluate((ids) => Object.fromEntries(ids.map((id) => {
     const node = window.app.graph.getNodeById(id);
     const w = node.widgets.find((x) => x.name === "parsed");
-    const box = w?.inputEl ?? w?.element;
+    const box = w?.element ?? null;
     return [id, { widget: w ? String(w.value) : null, box: box ? box.value : null,
                   box_visible: !!box && box.isConnected && box.getBoundingClientRect().width > 0 }];
   })), parseIds);
@@ -335,6 +372,154 @@ async function workflowCase(page) {
       out.closeups[id] = file;
       result.screenshots[`workflow_d_node_${id}`] = file;
     }
+  }
+  return out;
+}
+
+/** Where the frontend's own bars cover the graph: for every node, points of its title bar
+ * and its lower corners, and the element the page has there (the canvas, or a DOM widget
+ * drawn over the node, are fine; a side bar, toolbar or minimap is not). */
+async function viewCheck(page) {
+  // Frontend 1.49 opens its right side panel (errors tab) when a workflow misses models, as
+  // the default workflow does on a fresh install; it is not one of the default bars: closed.
+  await page.evaluate(async () => {
+    const setting = window.app.extensionManager.setting;
+    if (setting.get("Comfy.RightSidePanel.IsOpen")) await setting.set("Comfy.RightSidePanel.IsOpen", false);
+  });
+  await page.waitForTimeout(400);
+  return page.evaluate(() => {
+    const c = window.app.canvas, canvas = c.canvas;
+    const title = window.LiteGraph.NODE_TITLE_HEIGHT ?? 30;
+    const covered = [];
+    for (const n of window.app.graph.nodes) {
+      const [x0, y0] = c.ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - title]);
+      const [x1, y1] = c.ds.convertOffsetToCanvas([n.pos[0] + n.size[0], n.pos[1] + n.size[1]]);
+      const ty = y0 + title * c.ds.scale / 2;
+      for (const [x, y] of [[x0 + 6, ty], [x1 - 6, ty], [x0 + 6, y1 - 6], [x1 - 6, y1 - 6]]) {
+        const inside = x >= 0 && y >= 0 && x < window.innerWidth && y < window.innerHeight;
+        const el = inside ? document.elementFromPoint(x, y) : null;
+        if (!inside || (el !== canvas && !el?.closest(".dom-widget"))) {
+          covered.push({ node: n.id, type: n.type, point: [Math.round(x), Math.round(y)],
+                         by: el ? `${el.tagName}.${String(el.className).slice(0, 60)}` : "outside the window" });
+        }
+      }
+    }
+    return { scale: c.ds.scale, offset: [...c.ds.offset], nodes: window.app.graph.nodes.length, covered,
+             window: [window.innerWidth, window.innerHeight] };
+  });
+}
+
+async function templatesCase(page) {
+  const out = {};
+  await closeDialogs(page);
+  // Workflow e dropped on the canvas (before any run, whose notices sit over the canvas for a
+  // while): the frontend opens it at its saved view.
+  const dropped = JSON.parse(fs.readFileSync(path.join(path.dirname(WORKFLOW), `${BOXES_TEMPLATE}.json`), "utf8"));
+  await page.evaluate(async (g) => { await window.app.loadGraphData(g); }, dropped);
+  await page.waitForTimeout(800);
+  out.dropped_view = await viewCheck(page);
+  const droppedShot = path.join(SHOTS, "workflow_e_dropped.png");
+  await page.screenshot({ path: droppedShot });
+  result.screenshots.workflow_e_dropped = droppedShot;
+  out.listing = await page.evaluate(async () => (await fetch("/api/workflow_templates")).json());
+  out.module = Object.keys(out.listing).find((m) => TEMPLATES_IN(out.listing[m])) ?? null;
+  if (!out.module) return out;
+  await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
+  const dialog = page.locator('[role="dialog"]:visible').first();
+  await dialog.waitFor({ state: "visible", timeout: 20_000 });
+  await dialog.getByText(out.module, { exact: true }).first().click({ timeout: 15_000 });
+  await page.waitForFunction((names) => names.every((n) => {
+    const card = document.querySelector(`[data-testid="template-workflow-${CSS.escape(n)}"]`);
+    const img = card?.querySelector("img");
+    return img && img.complete;
+  }), TEMPLATES, { timeout: 30_000, polling: 250 }).catch(() => {});
+  await page.waitForTimeout(500);
+  out.cards = await page.evaluate((names) => Object.fromEntries(names.map((n) => {
+    const card = document.querySelector(`[data-testid="template-workflow-${CSS.escape(n)}"]`);
+    if (!card) return [n, null];
+    const r = card.getBoundingClientRect();
+    return [n, { text: card.innerText, visible: r.width > 0 && r.height > 0,
+                 images: [...card.querySelectorAll("img")].map((i) => ({
+                   src: i.src, complete: i.complete, width: i.naturalWidth, height: i.naturalHeight,
+                   shown: i.getBoundingClientRect().width })) }];
+  })), TEMPLATES);
+  const shot = path.join(SHOTS, "templates.png");
+  await page.screenshot({ path: shot });
+  result.screenshots.templates = shot;
+  // Open workflow e the way a user does: its card.
+  await page.locator(`[data-testid="template-workflow-${BOXES_TEMPLATE}"]`).first().click({ timeout: 15_000 });
+  out.opened = await page.waitForFunction(() => window.app.graph.nodes.some((n) => n.type === "InfSplignLayout"),
+    null, { timeout: 30_000 }).then(() => true).catch(() => false);
+  await page.waitForTimeout(1_000);
+  return out;
+}
+
+function TEMPLATES_IN(names) {
+  return TEMPLATES.every((t) => names.includes(t));
+}
+
+/** Workflow e as the Templates dialog opened it: its view, then a run with the Run button. */
+async function boxesWorkflowCase(page) {
+  const out = {};
+  if (!result.templates?.opened) return out;
+  out.view = await viewCheck(page);
+  const shot = path.join(SHOTS, "workflow_e_loaded.png");
+  await page.screenshot({ path: shot });
+  result.screenshots.workflow_e_loaded = shot;
+  const layoutState = () => page.evaluate(() => {
+    const n = window.app.graph.nodes.find((x) => x.type === "InfSplignLayout");
+    const editor = document.querySelector('canvas[data-infsplign="box-editor"]');
+    const summary = n.widgets.find((w) => w.name === "parsed");
+    const box = summary?.element ?? null;
+    return { id: n.id, size: [...n.size],
+             editor: editor ? [editor.clientWidth, editor.clientHeight] : null,
+             summary: summary ? { value: String(summary.value), client_height: box?.clientHeight ?? null,
+                                  scroll_height: box?.scrollHeight ?? null,
+                                  visible: !!box && box.isConnected && box.getBoundingClientRect().height > 0 } : null };
+  });
+  out.before = await layoutState();
+  const warningsBefore = await page.evaluate(() => window.__infsplignWarnings.length);
+  out.run = await runGraph(page, "boxes_workflow");
+  const previewId = await page.evaluate(() => window.app.graph.nodes.find((n) => n.type === "InfSplignAttentionPreview")?.id);
+  out.preview = previewId;
+  await page.waitForFunction((id) => (window.app.graph.getNodeById(id)?.imgs ?? []).length >= 2
+    && window.app.graph.getNodeById(id).imgs.every((i) => i.complete && i.naturalWidth > 0)
+    && document.querySelector('textarea[data-infsplign="summary"]')?.value,
+    previewId, { timeout: 30_000, polling: 250 }).catch(() => {});
+  await page.waitForTimeout(800); // the summary's height is fitted a frame later
+  out.after = await layoutState();
+  out.deprecations = await page.evaluate((n) => window.__infsplignWarnings.slice(n), warningsBefore);
+  out.all_deprecations = await page.evaluate(() => window.__infsplignWarnings);
+  out.loss_plot = await page.evaluate(async (id) => {
+    const img = window.app.graph.getNodeById(id)?.imgs?.[1];
+    if (!img) return null;
+    const resp = await fetch(img.src);
+    const bytes = new Uint8Array(await resp.arrayBuffer());
+    let text = "";
+    for (const b of bytes) text += String.fromCharCode(b);
+    return { src: img.src, status: resp.status, png_base64: btoa(text) };
+  }, previewId);
+  const after = path.join(SHOTS, "workflow_e_after_run.png");
+  await page.screenshot({ path: after });
+  result.screenshots.workflow_e_after_run = after;
+  // Close-ups: the Layout Boxes node and the preview, at a legible zoom.
+  for (const [name, id] of [["layout", out.after.id], ["preview", previewId]]) {
+    const clip = await page.evaluate((id) => {
+      const c = window.app.canvas, n = window.app.graph.getNodeById(id);
+      const top = 140, title = 30;
+      const scale = Math.min(1.2, 0.9 * 1700 / n.size[0], 0.9 * (1080 - top) / (n.size[1] + title));
+      c.ds.scale = scale;
+      c.ds.offset[0] = 960 / scale - (n.pos[0] + n.size[0] / 2);
+      c.ds.offset[1] = (top + (1080 - top) / 2) / scale - (n.pos[1] - title + (n.size[1] + title) / 2);
+      c.setDirty(true, true);
+      const [x, y] = c.ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - title]);
+      return { x: Math.max(0, x - 10), y: Math.max(0, y - 10), width: Math.min(1920 - Math.max(0, x - 10), n.size[0] * scale + 20),
+               height: Math.min(1080 - Math.max(0, y - 10), (n.size[1] + title) * scale + 20) };
+    }, id);
+    await page.waitForTimeout(500);
+    const file = path.join(SHOTS, `workflow_e_${name}.png`);
+    await page.screenshot({ path: file, clip });
+    result.screenshots[`workflow_e_${name}`] = file;
   }
   return out;
 }

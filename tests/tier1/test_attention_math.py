@@ -184,7 +184,7 @@ def test_unknown_loss_names_are_refused():
 
 
 def test_temperature_divides_the_logits_of_the_recorded_maps():
-    from infsplign.guidance.capture import token_maps
+    from infsplign.guidance.attention_maps import token_maps
     g = torch.Generator().manual_seed(0)
     b, n, t, heads, d = 2, 16, 6, 2, 4
     q, k = torch.randn(b, n, heads * d, generator=g), torch.randn(b, t, heads * d, generator=g)
@@ -205,7 +205,7 @@ def test_temperature_gives_a_saturated_map_a_gradient_toward_the_target():
     k[0, 1, 0] = 1.0  # token 1 is the object word, token 0 takes the rest
     logit = torch.full((1, h * w, 1), -30.0)
     logit[0, 5, 0] = 30.0  # the object sits on cell (1, 1)
-    from infsplign.guidance.capture import token_maps
+    from infsplign.guidance.attention_maps import token_maps
     pulls = []
     for temperature in (1.0, 4.0):
         q = logit.clone().requires_grad_(True)
@@ -219,7 +219,7 @@ def test_object_token_maps_have_the_gradient_of_the_full_softmax():
     """token_maps keeps only the object columns (and a logsumexp) for backward; its
     gradient w.r.t. q and k is the full softmax's, checked in float64 by gradcheck, and
     equal to explicit softmax-then-select in float32."""
-    from infsplign.guidance.capture import token_maps
+    from infsplign.guidance.attention_maps import token_maps
     g = torch.Generator().manual_seed(1)
     b, n, t, heads, d = 2, 6, 5, 2, 3
     q = torch.randn(b, n, heads * d, generator=g, dtype=torch.float64, requires_grad=True)
@@ -236,3 +236,47 @@ def test_object_token_maps_have_the_gradient_of_the_full_softmax():
     ref = torch.stack([probs[..., 1], probs[..., 2:4].mean(-1)], dim=1).view(b, 2, 2, 3)
     (ref * weights).sum().backward()
     assert torch.allclose(qf.grad, qr.grad, atol=1e-6) and torch.allclose(kf.grad, kr.grad, atol=1e-6)
+
+
+def test_layers_computed_together_equal_each_layer_alone():
+    """token_maps_of_layers on L layers (with a row selection: the cond rows of a batched
+    cond/uncond call) gives each layer's own maps, and the same gradient w.r.t. each layer's
+    q as the layers computed one by one (float64 gradcheck of the stacked computation)."""
+    from infsplign.guidance.attention_maps import MapIndex, token_maps, token_maps_of_layers
+    g = torch.Generator().manual_seed(3)
+    layers, b, n, t, heads, d = 3, 4, 6, 5, 2, 3
+    groups = [(1,), (3, 2)]
+    qs = [torch.randn(b, n, heads * d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(layers)]
+    ks = [torch.randn(b, t, heads * d, generator=g, dtype=torch.float64) for _ in range(layers)]
+    index = MapIndex.of(groups, "cpu")
+    rows = slice(2, 4)
+    together = token_maps_of_layers(qs, ks, heads, index, (2, 3), 2.0, rows)
+    assert together.shape == (layers, 2, 2, 2, 3) and together.dtype == torch.float64
+    for i in range(layers):
+        alone = token_maps(qs[i][rows], ks[i][rows], heads, groups, (2, 3), 2.0)
+        assert torch.allclose(together[i], alone, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda *q: token_maps_of_layers(q, ks, heads, index, (2, 3), 2.0, rows), tuple(qs))
+    # the uncond rows get no gradient
+    together.pow(2).sum().backward()
+    assert all(float(q.grad[:2].abs().max()) == 0.0 and float(q.grad[2:].abs().max()) > 0 for q in qs)
+
+
+def test_keys_get_their_gradient_when_they_need_one():
+    from infsplign.guidance.attention_maps import MapIndex, token_maps_of_layers
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 6, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    index = MapIndex.of([(1,), (2, 4)], "cpu")
+    assert torch.autograd.gradcheck(lambda q, k: token_maps_of_layers([q], [k], 3, index, (2, 3), 1.5), (q, k))
+
+
+def test_half_precision_layers_give_float32_maps_and_gradients_of_their_dtype():
+    from infsplign.guidance.attention_maps import MapIndex, token_maps_of_layers
+    g = torch.Generator().manual_seed(5)
+    qs = [torch.randn(1, 4, 4, generator=g).to(torch.bfloat16).requires_grad_() for _ in range(2)]
+    ks = [torch.randn(1, 3, 4, generator=g).to(torch.bfloat16) for _ in range(2)]
+    maps = token_maps_of_layers(qs, ks, 2, MapIndex.of([(1,)], "cpu"), (2, 2))
+    assert maps.dtype == torch.float32
+    maps.sum().backward()
+    assert all(q.grad.dtype == torch.bfloat16 for q in qs)

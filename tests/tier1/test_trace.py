@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from infsplign.guidance.capture import CaptureStore, Layer
-from infsplign.guidance.losses import LossSettings, Pair, step_loss
+from infsplign.guidance.boxes import Box
+from infsplign.guidance.losses import LossSettings, Objective, Pair, objective_loss, step_loss
 from infsplign.guidance.relations import BoundRelation, Relation, SpatialRelations
 from infsplign.guidance.trace import (MAX_IMAGES, MAX_SIDE, Trace, choose_steps, display_size, fingerprint,
-                                      object_names, resample, summarise)
+                                      object_names, resample, summarise, term_losses)
 
 RELS = SpatialRelations((BoundRelation(Relation("red cat", "left", "dog"), (2, 3), (6,)),
                          BoundRelation(Relation("red cat", "above", "car"), (2, 3), (9,))),
@@ -45,6 +46,27 @@ def test_summary_is_the_step_loss_per_image_and_the_centroids_the_loss_sees():
     assert maps.device.type == "cpu" and maps.dtype == torch.float32 and not maps.requires_grad
 
 
+@pytest.mark.parametrize("which", ["relations", "boxes", "all four"])
+def test_the_terms_add_up_to_the_objectives_loss(which):
+    """term_losses splits objective_loss per image: each term weighted as the loss weights
+    it, their sum the loss; only the terms the objective has."""
+    s = LossSettings(orthogonal="l2")
+    ls = layers()
+    pairs = Trace(RELS).pairs
+    boxes = dict(box_slots=(0, 1), boxes=(Box("red cat", 0.0, 0.0, 0.4, 0.5), Box("dog", 0.6, 0.5, 1.0, 1.0)),
+                 box_loss="ilgd", box_weight=12.0)
+    objective = {"relations": Objective(pairs, relation_weight=0.5),
+                 "boxes": Objective((), **boxes),
+                 "all four": Objective(pairs, **boxes, objects=(0, 1, 2), presence=1.0, separation=0.5)}[which]
+    terms = term_losses(ls, objective, s)
+    want = {"relations": ["relations"], "boxes": ["boxes"],
+            "all four": ["relations", "boxes", "presence", "separation"]}[which]
+    assert list(terms) == want
+    assert all(t.shape == (2,) and (t > 0).all() for t in terms.values())
+    total = sum(terms.values())
+    assert float(total.sum()) == pytest.approx(float(objective_loss(ls, objective, s)), rel=1e-5)
+
+
 def test_summary_keeps_the_first_images_and_no_graph():
     ls = [(level, m.repeat(6, 1, 1, 1).requires_grad_()) for level, m in layers()]
     maps, centres, loss, _ = summarise(ls, Trace(RELS).pairs, LossSettings())
@@ -66,11 +88,13 @@ def test_display_size_is_the_finest_map_capped():
 def test_a_run_records_steps_by_schedule_position():
     trace = Trace(RELS)
     run = trace.start(LossSettings(), guided=True)
-    assert run.record(14.6, SCHEDULE, layers(), True, True).index == 0
-    assert run.record(2.0000001, SCHEDULE, layers(), False, False).index == 2
+    assert run.record(14.6, SCHEDULE, layers(), True, True) == 0
+    assert run.record(2.0000001, SCHEDULE, layers(), False, False) == 2
     assert run.record(3.3, SCHEDULE, layers(), False, False) is None  # a sampler's sub-step
-    again = run.record(2.0, SCHEDULE, layers(1), False, False)  # a later prediction at the same sigma
-    assert sorted(run.steps) == [0, 2] and run.steps[2] is again and run.total_steps == 4
+    assert run.record(2.0, SCHEDULE, layers(1), False, False) == 2  # a later prediction at the same sigma
+    assert sorted(run.steps) == [0, 2] and run.total_steps == 4
+    assert run.steps[2].maps.shape[0] == 1 and run.steps[0].maps.shape[0] == 2  # the later one replaced it
+    assert run.steps[0].in_window and run.steps[0].applied and not run.steps[2].in_window
     assert [r.index for r in run.ordered()] == [0, 2]
     deltas = run.deltas(run.steps[0])
     assert deltas.shape == (2, 2)
@@ -121,6 +145,24 @@ def test_choose_steps():
         choose_steps("3", [0, 1, 2, 5])
     with pytest.raises(ValueError, match="no step number given"):
         choose_steps(" , ", range(8))
+
+
+def test_steps_recorded_as_groups_of_layers_summarise_like_single_layers():
+    """The capture hands the trace groups of layers (L, B, K, h, w); the summary is the one
+    of the same layers given one by one, and a step costs nothing until the run finishes."""
+    s = LossSettings(orthogonal="l2")
+    single = [("coarse", blob(2, 3, 8, 8, [(0.2, 0.3), (0.8, 0.6), (0.5, 0.9)])),
+              ("coarse", blob(2, 3, 8, 8, [(0.3, 0.3), (0.7, 0.5), (0.5, 0.8)])),
+              ("mid", blob(2, 3, 16, 16, [(0.2, 0.4), (0.8, 0.6), (0.4, 0.9)]))]
+    grouped = [("coarse", torch.stack([single[0][1], single[1][1]])), ("mid", single[2][1].unsqueeze(0))]
+    for a, b in zip(summarise(single, Trace(RELS).pairs, s), summarise(grouped, Trace(RELS).pairs, s)):
+        assert torch.allclose(a, b, atol=1e-6)
+    run = Trace(RELS).start(s, guided=True)
+    run.record(14.6, SCHEDULE, grouped, True, True)
+    run.record(6.0, SCHEDULE, grouped, False, False)
+    assert run._recorded and not run._steps  # kept as given until summarised
+    want = summarise(grouped, Trace(RELS).pairs, s)
+    assert torch.allclose(run.steps[1].loss, want[2], atol=1e-6) and not run._recorded
 
 
 def test_the_store_keeps_a_detached_copy_of_the_last_maps():

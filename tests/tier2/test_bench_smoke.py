@@ -16,6 +16,24 @@ def test_quick_benchmark_prints_ratios(host):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| SDXL-topology test model")]
-    assert len(rows) == 2, out.stdout
+    assert len(rows) == 3, out.stdout
     numbers = [float(x) for x in re.findall(r"\| ([0-9]+\.[0-9]+)", " ".join(rows))]
     assert numbers and all(n > 0 for n in numbers)
+
+
+def test_op_counter_holds_the_step_budgets(host, tmp_path):
+    """bench/op_count.py on the SD1.x topology: recording maps costs a few percent of a plain
+    step, and a guided step waits for the device nowhere inside its forward and backward
+    (op counts are exact, not timings)."""
+    result = tmp_path / "ops.json"
+    rows = "plain;capture only;strength 0;unguided steps of a guided run;guided fast, split"
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "op_count.py"), "--topologies", "sd1",
+                          "--only", rows, "--json", str(result)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+    sd1 = json.loads(result.read_text())["sd1"]
+    ratio = {name: r["ops"] / sd1["plain"]["ops"] for name, r in sd1.items()}
+    assert ratio["capture only"] <= 1.1 and ratio["unguided steps of a guided run"] <= 1.05, ratio
+    assert ratio["strength 0"] <= 1.3, ratio
+    guided = sd1["guided fast, split"]["parts"]
+    assert guided["work"] == 0 and guided["after"] <= 1, guided

@@ -9,7 +9,7 @@ from PIL import Image
 from infsplign.demo_world import scorer
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKFLOW = ROOT / "example_workflows" / "d_demo_model_unguided_vs_guided.json"
+WORKFLOW = ROOT / "example_workflows" / "d - Demo model, unguided vs InfSplign.json"
 
 
 def _images(run, node, out_dir):

@@ -353,15 +353,56 @@ def test_example_workflow(path, server, host, provided, object_info, loaded_file
 
 
 def test_generated_workflows_are_committed_and_laid_out_left_to_right():
-    """a, b, c, e and f are written by host/make_example_workflows.py: the files are its output,
-    and every link runs from a node's column to a column further right."""
+    """a, b, c, e and f are written by host/make_example_workflows.py, and d's saved view: the
+    files are its output, and every link runs from a node's column to a column further right."""
     gen = _module("make_example_workflows", ROOT / "host" / "make_example_workflows.py")
-    for name, build in gen.WORKFLOWS.items():
-        assert (FOLDER / name).read_text() == gen.render(build()), f"{name}: run host/make_example_workflows.py"
+    texts = gen.outputs()
+    assert sorted(texts) == sorted(p.name for p in FILES)
+    for name, text in texts.items():
+        assert (FOLDER / name).read_text() == text, f"{name}: run host/make_example_workflows.py"
+    for name in gen.WORKFLOWS:
         workflow = json.loads((FOLDER / name).read_text())
         nodes = {n["id"]: n for n in workflow["nodes"]}
         for _, src, _, dst, _, _ in workflow["links"]:
             assert _box(nodes[src])[2] < nodes[dst]["pos"][0], (name, src, dst)
+
+
+def test_saved_views_show_the_whole_graph_in_a_1920_by_1080_window():
+    """Opened in a 1920 x 1080 window, every node, title bar included, lies where the
+    frontend's side bar, top bars and minimap do not cover it (host/make_example_workflows.FREE,
+    MINIMAP; tests/tier4 checks it in the real frontends), at a zoom where the frontend still
+    draws node text (0.6 and above): at the saved view (a dropped file; Templates on frontend
+    1.32) and at the view frontend 1.49 opens a template at (the graph fitted to the window)."""
+    gen = _module("make_example_workflows", ROOT / "host" / "make_example_workflows.py")
+    for path in FILES:
+        workflow = json.loads(path.read_text())
+        for how, ds in (("saved view", workflow["extra"]["ds"]), ("1.49 template view", gen.template_view(workflow["nodes"]))):
+            _check_view(f"{path.name} ({how})", workflow, ds, gen)
+
+
+def _check_view(name: str, workflow: dict, ds: dict, gen) -> None:
+    scale, (ox, oy) = ds["scale"], ds["offset"]
+    assert 0.6 <= scale <= 1, (name, scale)
+    for n in workflow["nodes"]:
+        x0, y0, x1, y1 = ((v + o) * scale for v, o in zip(_box(n), (ox, oy, ox, oy)))
+        where = f"{name}: node {n['id']} at {[round(v) for v in (x0, y0, x1, y1)]}"
+        assert gen.FREE[0] <= x0 and gen.FREE[1] <= y0 and x1 <= gen.FREE[2] and y1 <= gen.FREE[3], where
+        assert not (x1 > gen.MINIMAP[0] and y1 > gen.MINIMAP[1]), f"{where}: under the minimap"
+
+
+def test_every_workflow_has_a_thumbnail_made_from_it():
+    """ComfyUI's Templates dialog shows <name>.jpg beside each example workflow: each is there,
+    a 512 x 512 JPEG whose stamp says it was made from the workflow as it is now."""
+    thumbs = _module("make_thumbnails", ROOT / "host" / "make_thumbnails.py")
+    for path in FILES:
+        jpg = path.with_suffix(".jpg")
+        assert jpg.is_file(), f"{jpg.name} is missing: run host/make_thumbnails.py"
+        with Image.open(jpg) as im:
+            assert im.format == "JPEG" and im.size == (thumbs.SIDE, thumbs.SIDE), (jpg.name, im.format, im.size)
+            assert np.asarray(im.convert("L")).std() > 10, f"{jpg.name} is a flat picture"
+        assert thumbs.stamp_of(jpg) == thumbs.fingerprint(json.loads(path.read_text())), \
+            f"{jpg.name} was made from an older {path.name}: run host/make_thumbnails.py"
+    assert sorted(FOLDER.glob("*.jpg")) == [p.with_suffix(".jpg") for p in FILES], "a thumbnail without its workflow"
 
 
 def _widget_names(entry: dict) -> list[str]:

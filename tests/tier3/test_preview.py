@@ -196,6 +196,48 @@ def test_capture_only_run_is_bit_identical_and_previews(host, checkpoints, path)
         assert torch.allclose(a.loss, b.loss, atol=1e-6) and torch.allclose(a.centroids, b.centroids, atol=1e-6)
 
 
+def _panels(plot) -> int:
+    """How many panels the loss plot draws: the top and bottom edges of their frames (the
+    outline's grey) met going down a column just inside the frames (they start at x = 70)."""
+    column = (plot[0, :, 75] * 255).round().to(torch.uint8)
+    grey = (column == torch.tensor((90, 90, 90), dtype=torch.uint8)).all(dim=1).tolist()
+    edges = sum(1 for y in range(1, len(grey)) if grey[y] and not grey[y - 1])
+    return edges // 2 if edges % 2 == 0 else -1
+
+
+@pytest.mark.parametrize("relations", [False, True], ids=["boxes_only", "relations_and_boxes"])
+def test_the_loss_plot_shows_every_term_that_guided_the_run(host, checkpoints, relations):
+    """Layout Boxes with no relation: each step records the box term (the guided steps' box
+    loss of the log, summed over the batch; observed after its window), no relation term, and
+    the plot has one panel, the box loss, titled with its settings. With relations merged in:
+    both terms, their sum the guided step's loss, and panels for the sum, each term and the
+    spatial term."""
+    from test_layout_boxes import boxed
+    preview = loaded_pack("nodes.preview_plot")
+    text = "a cat to the left of a dog" if relations else "a cat and a dog"
+    g = boxed("ksampler", text=text, relations=relations, strength=30.0, end_percent=0.5, injection=0.0,
+              steps=STEPS, batch=2, width=128, height=128)
+    with_preview(g, model=["apply", 0])
+    session = host.Session()
+    run, reports = execute(session, g)
+    assert run.success, run.error()
+    (trace_run,) = trace_of(output(session, "apply")).runs
+    records = trace_run.ordered()
+    terms = ["relations", "boxes"] if relations else ["boxes"]
+    assert len(records) == STEPS and all(sorted(r.terms) == sorted(terms) for r in records), records[0].terms
+    assert preview.plotted_terms(trace_run) == terms
+    assert len(reports) == STEPS // 2 and all(r.applied for r in reports)
+    for rec, rep in zip(records, reports):  # the guided steps, both windows open
+        assert rec.applied and float(rec.terms["boxes"].sum()) == pytest.approx(rep.box, rel=1e-5)
+        total = sum(float(t.sum()) for t in rec.terms.values())
+        assert total == pytest.approx(rep.loss, rel=1e-5)
+    assert all(torch.isfinite(t).all() for r in records for t in r.terms.values())
+    assert all(not r.applied for r in records[len(reports):])  # observed after the windows
+    assert "maalign, weight 1, steps before 0.5" in preview.term_settings(trace_run, "boxes")
+    _, plot = previews(session)
+    assert _panels(plot) == (4 if relations else 1), _panels(plot)
+
+
 def test_a_model_used_by_two_samplers_previews_each_run(host, checkpoints, guided):
     """Two KSamplers on one InfSplign (KSampler) MODEL: each preview shows the run that
     produced its LATENT, not the newest run of the model."""

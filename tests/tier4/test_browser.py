@@ -10,8 +10,11 @@ runs). The script opens the page, and
   2. loads example workflow d (the real file) and queues it with the Run button;
   3. opens the node help panel of Spatial Relation Parse with the (i) button;
   4. repeats 1 under the opt-in Vue node renderer ("Nodes 2.0"), then switches it off;
-and writes what it saw as JSON; the tests below assert on it. Screenshots go to
-output/browser/. A missing browser is a failure, not a skip.
+and writes what it saw as JSON; the tests below assert on it. Before those, it opens the
+Templates dialog (the pack's workflows, their titles and thumbnails), opens workflow e from
+it, checks its saved view, runs it and reads its loss plot, its Layout Boxes node and the
+deprecation warnings logged meanwhile. Screenshots go to output/browser/. A missing browser
+is a failure, not a skip.
 """
 from __future__ import annotations
 
@@ -21,13 +24,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
 pytestmark = [pytest.mark.host, pytest.mark.server]
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKFLOW = ROOT / "example_workflows" / "d_demo_model_unguided_vs_guided.json"
+WORKFLOW = ROOT / "example_workflows" / "d - Demo model, unguided vs InfSplign.json"
+TEMPLATES = sorted(p.stem for p in (ROOT / "example_workflows").glob("*.json"))
+BOXES_TEMPLATE = "e - Demo model, layout boxes"
 SCRIPT = ROOT / "tests" / "browser" / "ui_check.mjs"
 MODULES = ROOT / ".host" / "browser" / "node_modules"
 CHROMIUM = Path(os.environ.get("INFSPLIGN_CHROMIUM", "/usr/bin/chromium"))
@@ -67,10 +73,11 @@ def seen(request, tmp_path_factory):
                "INFSPLIGN_BASE_URL": server.base, "INFSPLIGN_WORKFLOW": str(WORKFLOW),
                "INFSPLIGN_MARKUP": MARKUP, "INFSPLIGN_SHOTS": str(SHOTS),
                "INFSPLIGN_RESULT": str(result_file), "INFSPLIGN_MODULES": str(MODULES),
-               "INFSPLIGN_CHROMIUM": str(CHROMIUM)}
+               "INFSPLIGN_CHROMIUM": str(CHROMIUM), "INFSPLIGN_TEMPLATES": json.dumps(TEMPLATES),
+               "INFSPLIGN_BOXES_TEMPLATE": BOXES_TEMPLATE}
         try:
             proc = subprocess.run([node, str(SCRIPT)], env=env, cwd=ROOT, capture_output=True,
-                                  text=True, timeout=420)
+                                  text=True, timeout=540)
         except subprocess.TimeoutExpired as e:
             pytest.fail(f"the browser script ran past {e.timeout} s:\n{e.stderr}\nserver log:\n{server.log()}",
                         pytrace=False)
@@ -240,3 +247,94 @@ def test_markup_in_a_box_name_stays_text(seen):
     drawn = boxes[names.index(next(n for n in names if "<" in n))]["box"]
     assert all(abs(a - b) < 0.02 for a, b in zip(drawn, lay["markup_drawn"])), (drawn, lay["markup_drawn"])
     _no_markup_in_dom(lay["after_markup"], "box editor")
+
+
+def test_the_templates_dialog_shows_every_workflow_with_its_thumbnail_and_title(seen):
+    t = seen["templates"]
+    assert t.get("module"), f"/api/workflow_templates does not list the pack's workflows: {t.get('listing')}"
+    assert sorted(t["listing"][t["module"]]) == TEMPLATES
+    for name in TEMPLATES:
+        card = t["cards"][name]
+        assert card and card["visible"], f"no card for {name} in the Templates dialog"
+        assert name in card["text"], (name, card["text"])  # the title: the file name
+        # the card's picture is the pack's 512 x 512 thumbnail (the frontend's placeholder is
+        # 224 px); frontend 1.32 shows it from a blob: URL of the fetched file, 1.49 from its URL
+        shown = [im for im in card["images"] if im["complete"] and im["shown"] > 50]
+        assert any((im["width"], im["height"]) == (512, 512) for im in shown), (name, card["images"])
+        assert all("default-template" not in im["src"] for im in shown), (name, card["images"])
+    asked = [r for r in seen["template_responses"] if r["url"].endswith(".jpg")]
+    assert {unquote(r["url"]).rsplit("/", 1)[1] for r in asked} == {f"{n}.jpg" for n in TEMPLATES}, asked
+    assert all(r["status"] == 200 and r["type"] == "image/jpeg" for r in asked), asked
+
+
+def _view_ok(view: dict, name: str) -> None:
+    assert view["window"] == [1920, 1080], view["window"]
+    assert view["scale"] >= 0.6, f"{name} opens at zoom {view['scale']}: node text is not drawn below 0.6"
+    assert not view["covered"], f"{name} opens with nodes under the frontend's bars: {view['covered']}"
+
+
+def test_workflows_d_and_e_open_with_the_whole_graph_in_view(seen):
+    assert seen["templates"].get("opened"), "clicking workflow e's card in the Templates dialog opened no workflow"
+    _view_ok(seen["boxes_workflow"]["view"], "workflow e (from Templates)")
+    _view_ok(seen["templates"]["dropped_view"], "workflow e (loaded as a dropped file is)")
+    _view_ok(seen["workflow"]["view"], "workflow d (loaded as a dropped file is)")
+
+
+# the first four of nodes/preview_maps.IMAGE_COLOURS: the lines of images 1-4 in the loss plot
+IMAGE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40))
+
+
+def _plot_panels(rgb):
+    """(top, bottom) of each panel of a loss plot: the frames' grey edges met going down a
+    column just inside them (nodes/preview_plot.py draws them from x = 70)."""
+    import numpy as np
+    grey = np.all(rgb[:, 75] == (90, 90, 90), axis=-1)
+    edges = [y for y in range(1, len(grey)) if grey[y] and not grey[y - 1]]
+    return list(zip(edges[::2], edges[1::2]))
+
+
+def test_workflow_e_from_templates_runs_and_its_loss_plot_shows_the_box_loss_falling(seen):
+    """Workflow e guides with boxes only: its plot has one panel, the box loss, and every
+    image's line ends lower than it starts (its guided steps pull each object into its box)."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    e = seen["boxes_workflow"]
+    assert e["run"]["status"] == "execution_success", e["run"]
+    assert e["loss_plot"] and e["loss_plot"]["status"] == 200, e.get("loss_plot")
+    rgb = np.asarray(Image.open(io.BytesIO(base64.b64decode(e["loss_plot"]["png_base64"]))).convert("RGB"))
+    panels = _plot_panels(rgb)
+    assert len(panels) == 1, f"workflow e's plot has {len(panels)} panels, expected the box loss alone"
+    top, bottom = panels[0]
+    inside = rgb[top + 2:bottom - 1, 72:-22]
+    for b, colour in enumerate(IMAGE_COLOURS):
+        ys, xs = np.nonzero(np.all(inside == colour, axis=-1))
+        assert len(xs) > 100, f"image {b + 1}'s line is not drawn"
+        span = xs.max() - xs.min()
+        start = ys[xs <= xs.min() + 0.05 * span].mean()
+        end = ys[xs >= xs.max() - 0.05 * span].mean()
+        assert end > start + 5, f"image {b + 1}: the box loss does not fall (line from y {start:.0f} to {end:.0f})"
+
+
+def test_no_deprecation_warning_from_the_pack_during_a_run(seen):
+    e = seen["boxes_workflow"]
+    ours = [w for w in e["all_deprecations"] if "/extensions/" in w["stack"] and "infsplign" in w["stack"].lower()]
+    assert not ours, f"deprecation warnings logged by the pack's script: {ours}"
+    assert not [w for w in e["deprecations"] if "inputEl" in w["text"]], e["deprecations"]
+
+
+def test_after_a_run_layout_boxes_shows_every_summary_line_and_keeps_its_editor(seen):
+    e = seen["boxes_workflow"]
+    before, after = e["before"], e["after"]
+    assert before["summary"] is None and after["summary"], after
+    s = after["summary"]
+    lines = s["value"].split("\n")
+    assert len(lines) == 4 and lines[0].startswith('box "red circle"') and lines[-1].startswith("encoder"), lines
+    assert s["visible"] and s["scroll_height"] <= s["client_height"] + 1, \
+        f"the summary box shows {s['client_height']} px of its {s['scroll_height']} px of text"
+    assert before["editor"] and after["editor"], (before, after)
+    assert all(abs(a - b) <= 1 for a, b in zip(after["editor"], before["editor"])), \
+        f"the box editor was {before['editor']} px before the run, {after['editor']} px after"
