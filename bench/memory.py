@@ -12,7 +12,7 @@ uses when this fits its free memory).
 "as on CUDA": attention with a memory-efficient kernel's footprint (what the guided step
 uses on CUDA); "as on CPU": ComfyUI's CPU attention, which keeps every head's weights.
 
-The counts run the pack's own guided-step code (nodes/memory_estimate.py) on the model's
+The counts run the pack's own guided-step code (engine/memory_estimate.py) on the model's
 UNet class rebuilt on the meta device, counting every storage (guidance/memory_count.py).
 `--check` counts the same steps of the full-width SD1.5 UNet at 256 px, fp32, on real CPU
 tensors (random weights) and on meta, and prints their ratio (must be within 5 %).
@@ -39,8 +39,8 @@ import comfy.supported_models  # noqa: E402
 from testkit import models  # noqa: E402
 from testkit.pack import module  # noqa: E402
 
-unet_layers = module("nodes.unet_layers")
-memory_estimate = module("nodes.memory_estimate")
+unet_layers = module("engine.families.unet")
+memory_estimate = module("engine.memory_estimate")
 
 GIB = 2**30
 MODELS = {  # full-width UNet configs, as ComfyUI detects them from real checkpoints

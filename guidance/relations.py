@@ -1,7 +1,7 @@
 """Reading spatial relations <A, R, B> out of a prompt.
 
 "a potted plant to the right of a clock" -> Relation("potted plant", "right", "clock").
-Plain text in, plain data out: token positions are found elsewhere (nodes/tokens.py),
+Plain text in, plain data out: token positions are found elsewhere (engine/tokens.py),
 with the tokenizer of the CLIP that encodes the prompt.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ from .losses import LossSettings, Objective, Terms, objective_terms
 
 # Steps within this relative distance of a window boundary count as on it.
 WINDOW_TOLERANCE = 1e-3
-# How the guided step spends memory (nodes/memory_modes.py): `fast` keeps what autograd
+# How the guided step spends memory (engine/memory_modes.py): `fast` keeps what autograd
 # saves, `low` recomputes inside the UNet's blocks during backward, `auto` picks per step.
 MEMORY_MODES = ("auto", "fast", "low")
 

@@ -5,7 +5,8 @@ import comfy.samplers
 
 from ..guidance.losses import ACTIVATIONS, LossSettings
 from ..guidance.step import MEMORY_MODES, GuidanceSettings
-from . import hooks, unet_layers
+from ..engine import hooks
+from ..engine.families import unet as unet_layers
 
 CATEGORY = "sampling/InfSplign"
 ORTHOGONAL_CHOICES = ("auto", "none", "l1", "l2")

@@ -3,8 +3,8 @@
 The run comes along the graph's edges: the MODEL (or the GUIDER's model) carries the
 capture wrapper, whose trace keeps the last finished runs (guidance/trace.py); the LATENT
 input says which of them (the run whose output it is) and makes the preview run after the
-sampler. The drawing (PIL and torch only): preview_maps.py (the maps image) and
-preview_plot.py (the loss plot).
+sampler. The drawing (PIL and torch only) lives in preview/: maps.py (the maps image) and
+plot.py (the loss plot).
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from PIL import Image
 
 from comfy.patcher_extension import WrappersMP
 
+from ..engine.hooks import CAPTURE_KEY
 from ..guidance.trace import MAX_RUNS, RunTrace, choose_steps
-from .hooks import CAPTURE_KEY
-from .preview_maps import IMAGE_COLOURS, WINDOW, maps_layout, relation_text, render_maps  # noqa: F401  (tests)
-from .preview_plot import render_loss
+from ..preview.maps import render_maps
+from ..preview.plot import render_loss
 
 
 def to_image(picture: Image.Image) -> torch.Tensor:

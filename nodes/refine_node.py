@@ -1,10 +1,11 @@
 """InfSplign Refine (GSN): one burst of latent refinement at a chosen step, on the pack's
-capture and gradient engine (nodes/refine_hooks.py, guidance/refine.py)."""
+capture and gradient engine (engine/refine_hooks.py, guidance/refine.py)."""
 from __future__ import annotations
 
 from ..guidance.refine import MAX_ITERATIONS, RefineSettings
 from ..guidance.step import MEMORY_MODES
-from . import refine_hooks, unet_layers
+from ..engine import refine_hooks
+from ..engine.families import unet as unet_layers
 
 CATEGORY = "sampling/InfSplign"
 # Shipped defaults: chosen on the demo model's tuning prompts and seeds (demo/evaluate_refine.py --tune;

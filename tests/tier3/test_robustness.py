@@ -44,7 +44,7 @@ def leftovers() -> dict:
     an autograd graph, and model patchers carrying a capture patch or a run's store."""
     import comfy.model_patcher
     CaptureStore = loaded_pack("guidance.capture").CaptureStore
-    hooks = loaded_pack("nodes.hooks")
+    hooks = loaded_pack("engine.hooks")
     gc.collect()
     found = {"stores": 0, "graph_tensors": 0, "patched_models": 0}
     for obj in gc.get_objects():

@@ -8,7 +8,7 @@
 - which modules the `low` memory mode recomputes (recompute_units) and which modules
   fetch their weights per operation (streams_weights);
 - a weightless twin of the UNet on the meta device, and inputs for it, for the memory
-  estimate (nodes/memory_estimate.py).
+  estimate (engine/memory_estimate.py).
 A new model family (SD3 / Flux joint attention) is one more module with these functions.
 """
 from __future__ import annotations
@@ -25,13 +25,13 @@ import comfy.supported_models
 from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel, Upsample
 
-from ..guidance.capture import Layer
+from ...guidance.capture import Layer
 
 PRESETS = ("auto", "coarse", "coarse+mid", "all decoder", "custom")
 PRESET_LEVELS = {"auto": ("coarse", "mid"), "coarse": ("coarse",), "coarse+mid": ("coarse", "mid"),
                  "all decoder": ("coarse", "mid", "fine")}
 FAMILIES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
-# The tokenizers of each family's CLIP, as nodes/tokens.encoder_family names them.
+# The tokenizers of each family's CLIP, as engine/tokens.encoder_family names them.
 ENCODERS = {"sd1": "clip_l", "sd2": "clip_h", "sdxl": "clip_g+clip_l"}
 
 

@@ -1,6 +1,6 @@
 """What one guided step costs in memory, counted exactly on a weightless twin of the UNet.
 
-The twin (nodes/unet_layers.py: the model's own UNet class and config on the meta device)
+The twin (engine/families/unet.py: the model's own UNet class and config on the meta device)
 runs the guided step as the pack runs it: the cond rows' forward with autograd and the
 capture on the chosen layers (hooks.capture_patch, the same code as at sampling time), the
 graph stopped after the last captured block, the loss, the uncond rows' forward without
@@ -11,7 +11,7 @@ autograd: twice the peak of the guided step's uncond forward (every tensor is pe
 
 Attention is counted as a given kernel keeps it (guidance.memory_count): "efficient" as
 CUDA's memory-efficient / flash kernels (the guided step uses those on CUDA,
-nodes/memory_modes.py), "math" as ComfyUI's CPU attention (sub-quadratic, query chunks of
+engine/memory_modes.py), "math" as ComfyUI's CPU attention (sub-quadratic, query chunks of
 1024; under autograd every chunk's weights are kept). Weights are never counted: they are
 the model's, not the step's. Not counted: other packs' patches, ControlNet, LoRA applied
 per call (memory_modes adds a margin for what is not counted).
@@ -28,8 +28,8 @@ from ..guidance.losses import LossSettings, step_loss
 from ..guidance.memory_count import MemoryCounter, efficient_attention, math_attention
 from ..guidance.recompute import recomputing
 from ..guidance.relations import BoundRelation, Relation, SpatialRelations
-from . import unet_layers
-from .unet_patches import capture_patch, stop_graph_after
+from .families import unet as unet_layers
+from .families.unet_patches import capture_patch, stop_graph_after
 
 ATTENTION = ("efficient", "math")
 MATH_CHUNK = 1024  # query rows per chunk of ComfyUI's sub-quadratic CPU attention

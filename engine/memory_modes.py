@@ -5,9 +5,9 @@
   recomputed one by one even here, so no fetched weight is kept: the step never holds a
   second copy of the weights (lowvram, dynamic VRAM).
 - `low`: every computation with weights on the gradient's path is recomputed during the
-  backward pass (nodes/unet_layers.recompute_units, guidance/recompute.py): the forward
+  backward pass (engine/families/unet.recompute_units, guidance/recompute.py): the forward
   keeps only the modules' inputs. Same latents as `fast`, one more forward's worth of time.
-- `auto` (default): `low` when the step's counted extra (nodes/memory_estimate.py) does not
+- `auto` (default): `low` when the step's counted extra (engine/memory_estimate.py) does not
   fit the device's free memory with headroom, else `fast`; decided on every guided step.
 
 Before sampling, a PREPARE_SAMPLING wrapper adds the extra of the mode the run expects to
@@ -31,7 +31,8 @@ import comfy.model_management as mm
 from ..guidance.autograd import make_autograd_safe, weights_frozen
 from ..guidance.capture import CaptureStore
 from ..guidance.recompute import recomputing
-from . import memory_estimate, unet_layers
+from . import memory_estimate
+from .families import unet as unet_layers
 
 log = logging.getLogger("infsplign")
 

@@ -39,13 +39,13 @@ import torch
 from comfy.patcher_extension import WrappersMP, get_wrappers_with_key
 
 from ..guidance.autograd import make_autograd_safe
-from .unet_patches import BLOCK_PATCHES, autograd_guard, capture_patch, copy_skips, stop_graph_after
 from ..guidance.capture import CaptureStore, Layer
 from ..guidance.losses import LossSettings
 from ..guidance.relations import SpatialRelations
 from ..guidance.step import NO_MAPS, GuidanceSettings, StepReport, guided_step
-from . import memory_modes, step_terms
 from ..guidance.trace import RunTrace, Trace
+from . import memory_modes, step_terms
+from .families.unet_patches import BLOCK_PATCHES, autograd_guard, capture_patch, copy_skips, stop_graph_after
 
 log = logging.getLogger("infsplign")
 
@@ -54,7 +54,7 @@ GUIDANCE_KEY = "infsplign.guidance"
 SPLIT_KEY = "infsplign.split"
 OBSERVE_KEY = "infsplign.observe"
 MEMORY_KEY = "infsplign.memory"
-REFINE_KEY = "infsplign.refine"  # SAMPLER_SAMPLE of InfSplign Refine (nodes/refine_hooks.py)
+REFINE_KEY = "infsplign.refine"  # SAMPLER_SAMPLE of InfSplign Refine (engine/refine_hooks.py)
 RUN_KEY = "infsplign_run"
 TRACE_KEY = "infsplign_trace"
 PLAN_KEY = "infsplign_memory"

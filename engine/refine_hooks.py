@@ -12,7 +12,7 @@
   guided step (guidance/step.py). With InfSplign's guidance on the same model the two join
   in that node's guided step (step_terms.with_continuous): one forward, one backward.
 
-The capture, its patches, the memory modes and the trace are the ones of nodes/hooks.py.
+The capture, its patches, the memory modes and the trace are the ones of engine/hooks.py.
 What changes with the sampler: deterministic samplers (euler, heun, dpmpp_2m, ...) give the
 unrefined run's latents up to step k exactly; multistep samplers start their history again
 at step k; ancestral and SDE samplers draw the noise of the steps after k afresh (their
