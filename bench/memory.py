@@ -39,7 +39,7 @@ import comfy.supported_models  # noqa: E402
 from testkit import models  # noqa: E402
 from testkit.pack import module  # noqa: E402
 
-unet_layers = module("engine.families.unet")
+unet_family = module("engine.families.unet")
 memory_estimate = module("engine.memory_estimate")
 
 GIB = 2**30
@@ -60,8 +60,8 @@ def unet_config(name: str) -> dict:
 
 def count(job):
     name, width, height, batch, attention, dtype = job
-    twin = unet_layers.meta_twin(unet_config(name), dtype)
-    layers = unet_layers.auto_layers(twin.unet)
+    twin = unet_family.meta_twin(unet_config(name), dtype)
+    layers = unet_family.auto_layers(twin.module)
     hw = (height // 8, width // 8)
     counts = {mode: memory_estimate.count_step(twin, batch, hw, mode, attention, layers) for mode in ("fast", "low")}
     counts["fast+batched"] = memory_estimate.count_step(twin, batch, hw, "fast", attention, layers, batched=True)
@@ -99,12 +99,12 @@ def check() -> int:
     """The same counts on real CPU tensors (random weights) and on meta: ratios."""
     torch.manual_seed(0)
     config = unet_config("SD1.5")
-    real = unet_layers.meta_twin(config, torch.float32, device="cpu")
+    real = unet_family.meta_twin(config, torch.float32, device="cpu")
     with torch.no_grad():
-        for name, tensor in real.unet.state_dict().items():
+        for name, tensor in real.module.state_dict().items():
             models._fill(name, tensor, 0)
-    meta = unet_layers.meta_twin(config, torch.float32)
-    layers = unet_layers.auto_layers(meta.unet)
+    meta = unet_family.meta_twin(config, torch.float32)
+    layers = unet_family.auto_layers(meta.module)
     print("Full-width SD1.5 UNet, 256 x 256 px, fp32, batch 1: counted on real CPU tensors / on meta")
     print("| attention | mode | quantity | real (MiB) | meta (MiB) | real / meta |")
     print("|---|---|---|---|---|---|")

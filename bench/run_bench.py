@@ -186,12 +186,12 @@ def naive_wrapper(settings):
 def variants(model, end_percent=0.25):
     settings = {**SETTINGS, "end_percent": end_percent}
     # the relations as Spatial Relation Parse gives them for this model's CLIP family
-    family = module("engine.families.unet").family(model)
-    relations = dataclasses.replace(RELATIONS, encoder=module("engine.families.unet").ENCODERS[family])
+    family = module("engine.families").family_of(model)
+    relations = dataclasses.replace(RELATIONS, encoder=family.encoder(model))
     fast = guidance_nodes._guided_model(model, relations, {**settings, "memory": "fast"})
     low = guidance_nodes._guided_model(model, relations, {**settings, "memory": "low"})
     strength0 = guidance_nodes._guided_model(model, relations, {**settings, "strength": 0.0, "end_percent": 1.0})
-    capture = hooks.with_capture(model, relations, module("engine.families.unet").select_layers(model, "auto"))
+    capture = hooks.with_capture(model, relations, family.default_layers(model))
     naive = fast.clone()
     naive.remove_wrappers_with_key(WrappersMP.CALC_COND_BATCH, hooks.SPLIT_KEY)
     naive.remove_wrappers_with_key(WrappersMP.PREDICT_NOISE, hooks.GUIDANCE_KEY)

@@ -156,9 +156,10 @@ def continuous_wrapper(relations: SpatialRelations, settings: RefineSettings):
     return predict_noise
 
 
-def with_refine(model, relations: SpatialRelations, settings: RefineSettings, default_layers):
-    """A clone of `model` refined by InfSplign Refine; capture with `default_layers()` if none yet."""
-    m = model if hooks.has_capture(model) else hooks.with_capture(model, relations, default_layers())
+def with_refine(model, relations: SpatialRelations, settings: RefineSettings):
+    """A clone of `model` refined by InfSplign Refine (capturing the default layers if
+    nothing captures yet)."""
+    m = hooks.with_default_capture(model, relations)
     m = m.clone()
     m.remove_wrappers_with_key(WrappersMP.SAMPLER_SAMPLE, REFINE_KEY)
     m.add_wrapper_with_key(WrappersMP.SAMPLER_SAMPLE, REFINE_KEY, refine_wrapper(relations, settings))

@@ -90,7 +90,8 @@ def test_reservation_grows_by_the_counted_extra(host, checkpoints, reservations,
     assert guided.success, guided.error()
     after = reservations[len(before):]
     memory_modes, estimate = loaded_pack("engine.memory_modes"), loaded_pack("engine.memory_estimate")
-    layers = loaded_pack("engine.families.unet").select_layers(session.output("ckpt"), "auto")
+    model = session.output("ckpt")
+    layers = loaded_pack("engine.families").family_of(model).layers(model, "auto")
     counted = estimate.estimate(session.output("ckpt"), 1, (12, 16), memory, "math", layers,
                                 estimate.PROBE_RELATIONS, 77).extra
     assert counted > 0 or memory == "low"  # (low can peak below the plain step's batched forward)
