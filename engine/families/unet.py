@@ -44,7 +44,7 @@ ENCODERS = {"sd1": "clip_l", "sd2": "clip_h", "sdxl": "clip_g+clip_l"}
 
 def variant(model) -> str | None:
     """'sd1' | 'sd2' | 'sdxl' for a ModelPatcher of this family, else None."""
-    base = model.model
+    base = getattr(model, "model", None)
     config = getattr(base, "model_config", None)
     if isinstance(config, comfy.supported_models.SDXL) and isinstance(base, comfy.model_base.SDXL):
         return "sdxl"
@@ -53,20 +53,6 @@ def variant(model) -> str | None:
     if isinstance(config, comfy.supported_models.SD15) and type(base) is comfy.model_base.BaseModel:
         return "sd1"
     return None
-
-
-def check_relations(model, relations: SpatialRelations) -> None:
-    """Refuse relations parsed with another CLIP than the model's: token positions of
-    another tokenizer (SD2's OpenCLIP-H, SDXL's two encoders) point at other tokens of this
-    model's conditioning."""
-    fam = variant(model)
-    want = ENCODERS[fam]
-    if relations.encoder != want:
-        have = next((VARIANTS[f] for f, e in ENCODERS.items() if e == relations.encoder), "another model")
-        raise ValueError(
-            f"The relations were parsed with a {relations.encoder} CLIP ({have}), but this model is "
-            f"{VARIANTS[fam]}, whose prompts are encoded by {want}. Connect the CLIP of the checkpoint "
-            "that encodes the positive prompt to Spatial Relation Parse.")
 
 
 def decoder_layers(model) -> list[Layer]:
@@ -208,7 +194,15 @@ class UNetFamily(ModelFamily):
         return ENCODERS[variant(model)]
 
     def check_relations(self, model, relations: SpatialRelations) -> None:
-        check_relations(model, relations)
+        """Token positions of another tokenizer (SD2's OpenCLIP-H, SDXL's two encoders)
+        point at other tokens of this model's conditioning: refused."""
+        want = self.encoder(model)
+        if relations.encoder != want:
+            have = next((VARIANTS[v] for v, e in ENCODERS.items() if e == relations.encoder), "another model")
+            raise ValueError(
+                f"The relations were parsed with a {relations.encoder} CLIP ({have}), but this model is "
+                f"{self.model_name(model)}, whose prompts are encoded by {want}. Connect the CLIP of the "
+                "checkpoint that encodes the positive prompt to Spatial Relation Parse.")
 
     def layers(self, model, preset: str, custom: str = "") -> tuple[Layer, ...]:
         return select_layers(model, preset, custom)
