@@ -18,7 +18,9 @@ execution.PromptExecutor, as a server does. Images are scored by the shapes-worl
 (demo_world/scorer.py). The unguided samples are also probed for localisation: each sample
 is noised again (sigma 1 and 3) and the UNet's word attention (decoder output blocks 3-8)
 is read; an object (the largest blob of its colour) counts when its words' attention
-centroid is nearer its own centre than the other object's.
+centroid is nearer its own centre than the other object's. Both arms also get the shape
+fidelity of demo_world/shape_fidelity.py: the share of named objects drawn whole (the blob
+of the colour fits its named shape) and of images whose two objects touch or merged.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class Evaluator:
         self.evaluation = module("demo_world.evaluation")
         self.presence = module("demo_world.presence_evaluation")
         self.scorer = module("demo_world.scorer")
+        self.shapes = module("demo_world.shape_fidelity")
         self.training = module("demo_world.training")
         self.demo = module("demo_world.model")
         self.world = module("demo_world.world")
@@ -204,15 +207,23 @@ def main() -> int:
           f"{ev.evaluation.EVAL_NOISE_SEED}), settings {settings or 'workflow d'}, {sampling_text}",
           flush=True)
     unguided, guided, local = [], [], []
+    shapes = {"unguided": [], "guided": []}
     for i, p in enumerate(evaluation_prompts, 1):
         u, g = ev.run(p, ev.evaluation.EVAL_NOISE_SEED, settings, cfg=a.cfg, sampling=sampling)
         unguided.append(ev.evaluation.score_images(p, u))
         guided.append(ev.evaluation.score_images(p, g))
+        shapes["unguided"] += [ev.shapes.image_shapes(im, (p.a, p.b)) for im in u]
+        shapes["guided"] += [ev.shapes.image_shapes(im, (p.a, p.b)) for im in g]
         local += ev.localisation(p, u)
         if i % 4 == 0 or i == len(evaluation_prompts):
             print(f"  {i}/{len(evaluation_prompts)} prompts ({time.monotonic() - t0:.0f} s)", flush=True)
     print()
     print(ev.evaluation.table(unguided, guided))
+    print(f"\n{'shape fidelity':<34}{'unguided':>8}{'guided':>10}")
+    for label, what in (("shape intact (% of objects)", lambda r: [o.intact for x in r for o in x.objects]),
+                        ("touching or merged (% of images)", lambda r: [x.touching for x in r])):
+        u_, g_ = (100 * sum(what(shapes[k])) / len(what(shapes[k])) for k in ("unguided", "guided"))
+        print(f"{label:<34}{u_:>8.1f}{g_:>10.1f}")
     print(f"\nlocalisation (unguided samples with both colours present, re-noised to sigma 1 and 3): "
           f"{100 * sum(local) / max(len(local), 1):.1f}% of {len(local)} object probes have their words' "
           "attention centroid nearer their own object than the other")

@@ -10,7 +10,9 @@ euler steps, cfg 5, 128 px, batch 4: a prompt's four seeds are the batch's four 
 noises, the same in every arm) -> VAEDecode. Images are scored by the shapes-world detector.
 Presence prompts name three objects and no relation (demo_world/presence_evaluation.py); the
 sweep runs only on its tuning prompts and seeds, the evaluation on others. `--relations` uses
-demo/evaluate.py's 52 evaluation prompts and seeds.
+demo/evaluate.py's 52 evaluation prompts and seeds. Every arm also gets the shape fidelity of
+demo_world/shape_fidelity.py: the share of named objects drawn whole and of images in which
+two named objects touch or merged.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class RefineEvaluator:
         self.presence = module("demo_world.presence_evaluation")
         self.evaluation = module("demo_world.evaluation")
         self.scorer = module("demo_world.scorer")
+        self.shapes = module("demo_world.shape_fidelity")
         self.defaults = dict(module("nodes.refine_node").DEFAULTS)
         self.session = comfy_host.Session()
         self.seconds = 0.0
@@ -76,14 +79,26 @@ class RefineEvaluator:
         self.images_made += len(out)
         return out
 
-    def presence_arm(self, prompts, seed: int, refine: dict | None):
-        return [[self.presence.score_image(p.objects, im) for im in self.images(
-            self.graph(p.text, seed, p.objects_list, None, refine))] for p in prompts]
+    def presence_arm(self, prompts, seed: int, refine: dict | None, shapes: list | None = None):
+        """Scores[prompt][seed]; `shapes`: the images' shape fidelity is appended there."""
+        scores = []
+        for p in prompts:
+            images = self.images(self.graph(p.text, seed, p.objects_list, None, refine))
+            scores.append([self.presence.score_image(p.objects, im) for im in images])
+            if shapes is not None:
+                shapes += [self.shapes.image_shapes(im, p.objects) for im in images]
+        return scores
 
     def timed(self, fn):
         self.seconds, self.images_made = 0.0, 0
         result = fn()
         return result, self.seconds / max(self.images_made, 1)
+
+
+def fidelity(shapes: list) -> tuple[float, float]:
+    """(% of named objects shape-intact, % of images with two named objects touching or merged)."""
+    objects = [o for s in shapes for o in s.objects]
+    return (100.0 * sum(o.intact for o in objects) / len(objects), 100.0 * sum(s.touching for s in shapes) / len(shapes))
 
 
 def refine_settings(defaults: dict, **over) -> dict:
@@ -133,20 +148,22 @@ def main() -> int:
         rows = {}
         for name, (guidance, refine) in arms.items():
             def arm():
-                scores, fused = [], []
+                scores, fused, shapes = [], [], []
                 for p in prompts:
                     imgs = ev.images(ev.graph(p.text, seed, "", guidance, refine))
                     scores.append(ev.evaluation.score_images(p, imgs))
                     fused += [P.fused(ev.scorer.detect(im), (p.a, p.b)) for im in imgs]
-                return ev.scorer.visor(scores), 100.0 * sum(fused) / len(fused)
-            (m, fused_share), per_image = ev.timed(arm)
-            rows[name] = (m, fused_share, per_image)
-            print(f"{name}: {m} fused {fused_share:.1f} %, {per_image:.2f} s/image ({time.monotonic() - t0:.0f} s)",
-                  flush=True)
+                    shapes += [ev.shapes.image_shapes(im, (p.a, p.b)) for im in imgs]
+                return ev.scorer.visor(scores), 100.0 * sum(fused) / len(fused), fidelity(shapes)
+            (m, fused_share, fid), per_image = ev.timed(arm)
+            rows[name] = (m, fused_share, fid, per_image)
+            print(f"{name}: {m} fused {fused_share:.1f} %, intact {fid[0]:.1f} %, touching {fid[1]:.1f} %, "
+                  f"{per_image:.2f} s/image ({time.monotonic() - t0:.0f} s)", flush=True)
         print(f"\n{len(prompts)} relation prompts x 4 seeds (noise seed {seed}), the evaluation set of demo/evaluate.py")
-        print("| arm | VISOR_cond | OA | fused (% of images) | s / image |\n|---|---|---|---|---|")
-        for name, (m, f, s) in rows.items():
-            print(f"| {name} | {m['VISOR_cond']:.1f} | {m['OA']:.1f} | {f:.1f} | {s:.2f} |")
+        print("| arm | VISOR_cond | OA | fused (% of images) | shape intact (% of objects) | touching or merged "
+              "(% of images) | s / image |\n|---|---|---|---|---|---|---|")
+        for name, (m, f, fid, s) in rows.items():
+            print(f"| {name} | {m['VISOR_cond']:.1f} | {m['OA']:.1f} | {f:.1f} | {fid[0]:.1f} | {fid[1]:.1f} | {s:.2f} |")
         return 0
 
     evaluation = P.prompt_sets(a.prompts, a.tune_prompts)[0]
@@ -154,21 +171,24 @@ def main() -> int:
           f"refine settings {defaults}", flush=True)
     arms = {"unguided": None, "presence refinement (presence only)": refine_settings(defaults, separation=0.0),
             "refinement (node defaults)": refine_settings(defaults)}
-    results = {}
+    results, shapes = {}, {}
     for name, refine in arms.items():
-        scores, per_image = ev.timed(lambda: ev.presence_arm(evaluation, P.EVAL_NOISE_SEED, refine))
+        shapes[name] = []
+        scores, per_image = ev.timed(lambda: ev.presence_arm(evaluation, P.EVAL_NOISE_SEED, refine, shapes[name]))
         results[name] = (scores, per_image)
         print(f"{name}: all three {P.share(scores):.1f} % ({time.monotonic() - t0:.0f} s)", flush=True)
     base = results["unguided"][0]
     n = sum(len(r) for r in base)
     print(f"\n{len(evaluation)} three-object prompts x 4 seeds = {n} prompt-seed pairs per arm")
     print("| arm | all three objects (%) | difference (95 % CI, paired bootstrap over prompts) | "
-          "mean objects found | fused (%) | s / image |\n|---|---|---|---|---|---|")
+          "mean objects found | fused (%) | shape intact (% of objects) | touching or merged (% of images) | "
+          "s / image |\n|---|---|---|---|---|---|---|---|")
     for name, (scores, per_image) in results.items():
         flat = [s for row in scores for s in row]
         diff = "" if name == "unguided" else "{:+.1f} [{:+.1f}, {:+.1f}]".format(*P.paired_interval(base, scores))
         print(f"| {name} | {P.share(scores):.1f} | {diff} | {sum(s.found for s in flat) / len(flat):.2f} | "
-              f"{P.share(scores, lambda s: s.fused):.1f} | {per_image:.2f} |")
+              f"{P.share(scores, lambda s: s.fused):.1f} | {fidelity(shapes[name])[0]:.1f} | "
+              f"{fidelity(shapes[name])[1]:.1f} | {per_image:.2f} |")
     return 0
 
 

@@ -8,7 +8,15 @@
 - loss terms per box on its object's map A (h x w, >= 0) and mask M:
   - "ilgd" (iLGD, after Chen et al.'s backward guidance): (1 - sum(A M) / sum(A))^2, the
     share of the object's attention outside its box, squared;
-  - "maalign" (GOAL's masked attention alignment, Eqs. 12-14): (1 - max(A M)) + max(A (1 - M)).
+  - "maalign" (GOAL's masked attention alignment, Eqs. 12-14): (1 - max(A M)) + max(A (1 - M));
+  - "peak": iLGD's term on the object's peak P = relu(A - mean(A)), the attention above its
+    mean over the map: (1 - sum(P M) / sum(P))^2. A softened map (read at a high
+    temperature) is mostly flat, so under "ilgd" an object sitting in its box still leaves
+    most of its attention outside, and the loss keeps rewarding more attention inside: it
+    grows the object to fill the box and presses it against the box's edges, bending its
+    shape (and two near boxes' objects into each other). The peak of an object in its box
+    lies in the box, so "peak" stops pulling there. Its gradient is larger for the same
+    loss (the peak is a small part of the map), so its weights are smaller.
 - `injection_bias`: iLGD's attention injection, softmax(q k^T / sqrt(d) + nu_t M): a bias on
   the object tokens' logits at the query positions inside their box. nu_t is nu' times each
   token's logit range over the image (per head, at this step), so nu' is the same on a
@@ -28,7 +36,7 @@ from torch import Tensor
 
 from .attention_stats import at_least_float32
 
-BOX_LOSSES = ("none", "ilgd", "maalign")
+BOX_LOSSES = ("none", "ilgd", "maalign", "peak")
 MAX_BOXES = 16
 EPS = 1e-8
 
@@ -196,6 +204,10 @@ def box_layer_loss(maps: Tensor, slots: Sequence[int], boxes: Sequence[Box], kin
         a = maps[:, slot]
         if kind == "ilgd":
             inside = (a * mask).sum(dim=(-2, -1)) / a.sum(dim=(-2, -1)).clamp_min(EPS)
+            total = total + (1.0 - inside) ** 2
+        elif kind == "peak":
+            peak = (a - a.mean(dim=(-2, -1), keepdim=True)).clamp_min(0.0)
+            inside = (peak * mask).sum(dim=(-2, -1)) / peak.sum(dim=(-2, -1)).clamp_min(EPS)
             total = total + (1.0 - inside) ** 2
         elif kind == "maalign":
             total = total + (1.0 - (a * mask).amax(dim=(-2, -1))) + (a * (1.0 - mask)).amax(dim=(-2, -1))

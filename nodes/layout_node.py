@@ -13,9 +13,10 @@ from ..guidance.relations import SpatialRelations
 from ..engine import tokens
 
 CATEGORY = "conditioning/InfSplign"
-# Shipped defaults: chosen on the demo model's tuning prompts and seeds (demo/evaluate_boxes.py --tune).
-# (On those, with the maps read at temperature 32 as workflow e does; tuning_log in demo_world/.)
-DEFAULTS = {"injection": 6.0, "injection_end_percent": 0.4, "box_loss": "ilgd", "box_weight": 12.0,
+# Shipped defaults: chosen on the demo model's tuning prompts and seeds of three layout sets
+# (demo/evaluate_boxes.py --tune), by the rule "most objects in their boxes with shapes intact"
+# (with the maps read at temperature 32 as workflow e does; tuning_log in demo_world/).
+DEFAULTS = {"injection": 6.0, "injection_end_percent": 0.2, "box_loss": "peak", "box_weight": 1.0,
             "box_end_percent": 0.5}
 
 
@@ -79,8 +80,11 @@ class LayoutBoxes:
                 "injection_end_percent": f(DEFAULTS["injection_end_percent"], 0.0, 1.0, 0.01,
                                            "Injection acts on the steps before this point of the schedule."),
                 "box_loss": (list(BOX_LOSSES), {"default": DEFAULTS["box_loss"], "tooltip":
-                             "ilgd: (1 - share of the attention inside the box)^2; maalign: GOAL's "
-                             "(1 - max inside) + max outside; none: injection only."}),
+                             "peak: (1 - share of the object's attention above its mean that lies inside the "
+                             "box)^2, which stops pulling once the object sits in its box, so shapes stay whole; "
+                             "ilgd: (1 - share of the attention inside the box)^2, which keeps pulling and can grow "
+                             "objects into their box's edges; maalign: GOAL's (1 - max inside) + max outside; "
+                             "none: injection only."}),
                 "box_weight": f(DEFAULTS["box_weight"], 0.0, 1000.0, 0.1,
                                 "Weight of the box loss in the guided step (times the guidance strength)."),
                 "box_end_percent": f(DEFAULTS["box_end_percent"], 0.0, 1.0, 0.01,

@@ -66,6 +66,8 @@ def test_box_losses_vanish_when_the_attention_is_in_the_box():
     assert box_layer_loss(outside, [0], box, "ilgd").item() == 1.0
     assert box_layer_loss(inside, [0], box, "maalign").item() == 0.0  # (1 - 1) + 0
     assert box_layer_loss(outside, [0], box, "maalign").item() == 2.0  # (1 - 0) + 1
+    assert box_layer_loss(inside, [0], box, "peak").item() == 0.0
+    assert box_layer_loss(outside, [0], box, "peak").item() == 1.0
     assert torch.equal(inside_share(inside, [0], box), torch.tensor([[1.0]]))
 
 
@@ -122,3 +124,28 @@ def test_planned_boxes_follow_the_relation():
     assert boxes["bird"].y0 < boxes["dog"].y0 and 0 <= boxes["bird"].y0 and boxes["bird"].y1 <= 1
     boxes = {x.object: x for x in plan_boxes([("cat", "left", "dog"), ("cat", "above", "car")])}
     assert boxes["car"].y0 > boxes["cat"].y0  # car below the already placed cat
+
+
+def test_the_peak_loss_stops_pulling_an_object_in_its_box_that_ilgd_still_grows():
+    """A softened map: a flat floor everywhere and the object's bump in its box. "ilgd" reads
+    the floor outside as attention outside and still asks for more inside; "peak" reads only
+    the attention above the map's mean, which is all in the box."""
+    box = [Box("a", 0.0, 0.0, 0.5, 0.5)]
+    bump = torch.zeros(4, 4)
+    bump[:2, :2] = 1.0
+    logits = (bump * 0.5).requires_grad_(True)  # soft: inside cells hold e^0.5 times the floor
+    maps = torch.softmax(logits.flatten(), 0).view(1, 1, 4, 4)
+    ilgd, peak = box_layer_loss(maps, [0], box, "ilgd"), box_layer_loss(maps, [0], box, "peak")
+    assert ilgd.item() > 0.2 and peak.item() == 0.0
+    g_ilgd, g_peak = torch.autograd.grad(ilgd.sum() + 0 * peak.sum(), logits, retain_graph=True)[0], \
+        torch.autograd.grad(peak.sum(), logits)[0]
+    assert (g_ilgd[:2, :2] < 0).all()  # ilgd: raise the inside further (grow the object to fill and past its box)
+    assert g_peak.abs().max() == 0.0  # peak: nothing left to pull
+    # an object half out of its box: peak pulls it in (raises its inside, lowers its outside)
+    shifted = torch.roll(bump, 1, dims=1).requires_grad_(False)
+    logits = (shifted * 0.5).requires_grad_(True)
+    maps = torch.softmax(logits.flatten(), 0).view(1, 1, 4, 4)
+    peak = box_layer_loss(maps, [0], box, "peak")
+    assert peak.item() == pytest.approx(0.25)
+    (g,) = torch.autograd.grad(peak.sum(), logits)
+    assert g[0, 1] < 0 and g[0, 2] > 0  # the cell in the box up, the one beside it down

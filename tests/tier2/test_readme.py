@@ -52,3 +52,46 @@ def test_the_nodes_section_has_a_heading_for_every_node(registered):
     for name, display in registered.items():
         line = next(h for h in headings if f"`{name}`" in h)
         assert display in line, (name, display, line)
+
+
+def table_defaults(text: str) -> dict[str, str]:
+    """{input name: default cell} of the first "| input | default | meaning |" table in `text`;
+    a row may name several inputs ("`width`, `height` (optional)")."""
+    lines = text.split("| input | default |", 1)[1].splitlines()[2:]
+    rows = {}
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for name in re.findall(r"`(\w+)`", cells[0]):
+            rows[name] = cells[1].strip("`")
+    return rows
+
+
+def same_default(cell: str, default) -> bool:
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            return float(cell) == float(default)
+        except ValueError:
+            return False
+    return cell == str(default)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "web/docs/InfSplignLayout.md"])
+def test_layout_boxes_tables_give_the_nodes_defaults(registered, doc):
+    """The input tables of InfSplign Layout Boxes (README and the node's help page) name
+    every widget with a default, and give the default the node declares (tuned defaults
+    change; the tables must follow)."""
+    import nodes
+    text = (ROOT / doc).read_text()
+    if doc == "README.md":
+        text = text.split("(`InfSplignLayout`", 1)[1].split("\n### ", 1)[0]
+    table = table_defaults(text)
+    spec = nodes.NODE_CLASS_MAPPINGS["InfSplignLayout"].INPUT_TYPES()
+    widgets = {name: opts[1]["default"] for group in spec.values() for name, opts in group.items()
+               if len(opts) > 1 and isinstance(opts[1], dict) and "default" in opts[1]}
+    assert {"injection", "box_loss", "box_weight"} <= set(widgets)
+    missing = sorted(set(widgets) - set(table))
+    assert not missing, f"{doc}: the Layout Boxes table has no row for {missing}"
+    wrong = {name: (table[name], default) for name, default in widgets.items() if not same_default(table[name], default)}
+    assert not wrong, f"{doc}: Layout Boxes defaults (table, node): {wrong}"
