@@ -1,7 +1,8 @@
 """Test kit as a ComfyUI custom node: test models and probes for the development host.
 
-Loading it also lets ComfyUI's checkpoint detection recognise the narrow test UNets, so
-the real CheckpointLoaderSimple loads test checkpoint files, in-process and in a server.
+Loading it also lets ComfyUI's checkpoint detection recognise the narrow test UNets and
+MMDiT models (SD3, Flux, Chroma), so the real CheckpointLoaderSimple and UNETLoader load
+test model files, in-process and in a server.
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import torch
 
 import comfy.model_management
 
-from . import models
+from . import mmdit_models, models
 from .pack import module as pack_module
 
 models.register_detection()
+mmdit_models.register_detection()
 
 
 WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -30,14 +32,15 @@ class TestModel:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "topology": (list(models.TOPOLOGIES), {"default": "sd1"}),
+            "topology": (list(models.TOPOLOGIES) + list(mmdit_models.TOPOLOGIES), {"default": "sd1"}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
         }, "optional": {
             "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default"}),
         }}
 
     def load(self, topology, seed, weight_dtype="default"):
-        return models.load(topology, seed, dtype=WEIGHT_DTYPES[weight_dtype])
+        factory = mmdit_models if topology in mmdit_models.TOPOLOGIES else models
+        return factory.load(topology, seed, dtype=WEIGHT_DTYPES[weight_dtype])
 
 
 class GradientProbe:
