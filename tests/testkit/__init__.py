@@ -43,6 +43,22 @@ class TestModel:
         return factory.load(topology, seed, dtype=WEIGHT_DTYPES[weight_dtype])
 
 
+class ForeignCLIP:
+    """A CLIP of a family InfSplign does not read (Qwen-Image's Qwen2.5-VL, AuraFlow's Pile-T5):
+    ComfyUI's real tokenizer, the encoder on the meta device (no weights)."""
+
+    CATEGORY = "InfSplign testkit"
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"kind": (["qwen_image", "aura_flow"], {"default": "qwen_image"})}}
+
+    def load(self, kind):
+        return (mmdit_models.foreign_clip(kind),)
+
+
 class GradientProbe:
     """d mean(denoised^2) / d latent for one UNet call, inside the executor.
 
@@ -218,6 +234,7 @@ class SkipMerge:
 
 NODE_CLASS_MAPPINGS = {
     "InfSplignTestModel": TestModel,
+    "InfSplignTestForeignCLIP": ForeignCLIP,
     "InfSplignTestGradientProbe": GradientProbe,
     "InfSplignTestAttentionPatch": AttentionPatch,
     "InfSplignTestFault": Fault,
@@ -225,6 +242,7 @@ NODE_CLASS_MAPPINGS = {
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "InfSplignTestModel": "Test model (InfSplign testkit)",
+    "InfSplignTestForeignCLIP": "CLIP of another family (InfSplign testkit)",
     "InfSplignTestGradientProbe": "Gradient probe (InfSplign testkit)",
     "InfSplignTestAttentionPatch": "Attention patch of another pack (InfSplign testkit)",
     "InfSplignTestFault": "Misbehaving attention patch (InfSplign testkit)",

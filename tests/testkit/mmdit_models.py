@@ -341,3 +341,19 @@ def save_diffusion_model(path: str, topology: str, seed: int = 0) -> str:
     comfy.utils.save_torch_file(diffusion_model_state_dict(topology, seed), path)
     return path
 
+
+# -- text encoders of families the pack does not read ----------------------------------------
+
+def foreign_clip(kind: str):
+    """A real ComfyUI CLIP object of another family ("qwen_image": Qwen2.5-VL, "aura_flow":
+    Pile-T5), with ComfyUI's real tokenizer; its encoder is built on the meta device (no
+    memory, no weights): for the refusals, which read the tokenizer and the encoder's type."""
+    import comfy.text_encoders.aura_t5
+    import comfy.text_encoders.qwen_image
+    targets = {
+        "qwen_image": (comfy.text_encoders.qwen_image.QwenImageTokenizer, comfy.text_encoders.qwen_image.te()),
+        "aura_flow": (comfy.text_encoders.aura_t5.AuraT5Tokenizer, comfy.text_encoders.aura_t5.AuraT5Model),
+    }
+    tokenizer, encoder = targets[kind]
+    return comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(tokenizer, encoder),
+                         model_options={"initial_device": torch.device("meta")})
