@@ -3,10 +3,11 @@
 
 The gradient of a scalar loss on the model's output w.r.t. the input latent is checked as
 directional derivatives: <grad, d> against (L(x + e d) - L(x - e d)) / 2e along unit
-directions d. Flux's RoPE rounds q and k to float32 even in a float64 model (comfy/ldm/flux
-/math.py), which puts a noise of about 1e-7 on L: e = 1e-3 keeps the quotient's error near
-1e-5 (seen: 1e-2 and 1e-3 agree to 1e-4, 1e-4 is off by 2e-3). `low` is emulated as the
-pack recomputes: every block one activation checkpoint (guidance/recompute.py).
+directions d. Flux's RoPE table is float32 and rounds q and k to it even in a float64 model
+(comfy/ldm/flux/math.py), a noise of about 1e-7 on L that the quotient magnifies (seen:
+1e-4 relative at e = 1e-3, 2e-3 at e = 1e-4); the test model's table is made float64, so
+the whole forward is float64. `low` is emulated as the pack recomputes: every block one
+activation checkpoint (guidance/recompute.py).
 """
 import contextlib
 
@@ -25,6 +26,9 @@ def models(host):
     out = {}
     for topology in ("flux_dev", "sd3"):
         dm = mmdit_models.build(topology, seed=0)[1].diffusion_model.double()
+        if topology == "flux_dev":
+            table = dm.pe_embedder.forward
+            dm.pe_embedder.forward = lambda ids, _table=table: _table(ids).double()
         out[topology] = dm
     return out
 
