@@ -271,3 +271,32 @@ def test_map_loss_gradient_matches_finite_differences(host, topology):
         errors.append(abs(float((grad * d).sum()) - fd) / abs(fd))
     print(f"{topology}: map-loss relative errors {[f'{e:.1e}' for e in errors]}")
     assert max(errors) <= 1e-3
+
+
+def test_chains_with_the_memory_efficient_attention(built):
+    """Under the pack's memory-efficient attention (nodes/memory_modes.py, which on CUDA
+    answers gradient-recording calls with PyTorch's SDPA; forced here on the CPU): the
+    capture sits above it, every call still reaches it, outputs are unchanged."""
+    from infsplign.nodes.memory_modes import efficient_attention_on_cuda
+    from infsplign.nodes.mmdit_autograd import differentiable
+    from infsplign.nodes.mmdit_capture import JointCapture, blocks_of, install_capture
+    model, clip, _ = built["flux_dev"]
+    dm = model.model.diffusion_model
+    cond, extra = _conds("flux_dev", clip)
+    reached = []
+    efficient = efficient_attention_on_cuda(wants=lambda q: reached.append(q.shape) or True)
+    x = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(4))
+
+    def run(options):
+        with torch.enable_grad(), differentiable():
+            return model.model.apply_model(x.clone().requires_grad_(True), torch.tensor([0.7]), c_crossattn=cond,
+                                           transformer_options=options, **extra).detach()
+    plain = run({"optimized_attention_override": efficient})
+    reached.clear()
+    options = {"optimized_attention_override": efficient}
+    capture = JointCapture(blocks_of(dm), HW)
+    with install_capture(options, capture, dm):
+        captured = run(options)
+    assert torch.equal(plain, captured)
+    assert len(reached) == len(capture.calls) == len(dm.double_blocks) + len(dm.single_blocks)
+    assert options["optimized_attention_override"] is efficient
