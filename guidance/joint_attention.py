@@ -97,14 +97,17 @@ class _JointMaps(torch.autograd.Function):
             p = _chunk_probs(q, kc, start, stop, ctx.scale)  # (B, H, rows, L)
             # d map[k, i] / d P[h, i, c_j] = W[k, j] / H: per query row and object column
             g = (grad[:, :, start - n0:stop - n0].transpose(1, 2) @ weights / heads).unsqueeze(1)  # (B, 1, rows, J)
-            # softmax: dL/ds_l = P_l (G_l - sum_j G_j P_j), G at the object columns
-            spread = torch.zeros_like(p).index_add_(-1, columns, g.expand(-1, heads, -1, -1))
-            dlogits = p * (spread - (g * p.index_select(-1, columns)).sum(dim=-1, keepdim=True))
-            dlogits = dlogits * ctx.scale
+            # softmax: dL/ds_l = P_l (G_l - sum_j G_j P_j), G at the object columns (zero
+            # elsewhere), times the logit scale: written into p itself, so that a chunk's
+            # backward holds one (B, H, rows, L) tensor besides the logits it came from
+            p_obj = p.index_select(-1, columns)  # (B, H, rows, J)
+            total = (g * p_obj).sum(dim=-1, keepdim=True)
+            dlogits = p.mul_(-ctx.scale * total).index_add_(-1, columns, p_obj * g * ctx.scale)
             if dq is not None:
                 dq[:, :, start:stop] = dlogits @ kc
             if dk is not None:
                 dk += dlogits.transpose(-1, -2) @ q[:, :, start:stop].to(want)
+            del p, dlogits  # before the next chunk's logits: one chunk alive at a time
         return (None if dq is None else dq.to(q.dtype), None if dk is None else dk.to(k.dtype),
                 None, None, None, None, None)
 
