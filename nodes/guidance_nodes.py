@@ -6,6 +6,7 @@ import comfy.samplers
 from ..guidance.losses import ACTIVATIONS, LossSettings
 from ..guidance.step import MEMORY_MODES, GuidanceSettings
 from . import hooks, unet_layers
+from .mmdit_support import refuse_unwired
 
 CATEGORY = "sampling/InfSplign"
 ORTHOGONAL_CHOICES = ("auto", "none", "l1", "l2")
@@ -63,6 +64,7 @@ def _optional() -> dict:
 
 
 def _guided_model(model, relations, settings: dict):
+    refuse_unwired(model)
     unet_layers.check_relations(model, relations)  # clear errors before anything is patched
     gs = make_settings(model, **settings)
     return hooks.with_guidance(model, relations, gs, lambda: unet_layers.select_layers(model, "auto"))
@@ -92,6 +94,7 @@ class AttentionCapture:
         }
 
     def patch(self, model, relations, layers, custom_layers=""):
+        refuse_unwired(model)
         unet_layers.check_relations(model, relations)
         chosen = unet_layers.select_layers(model, layers, custom_layers)
         return (hooks.with_capture(model, relations, chosen),)

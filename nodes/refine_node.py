@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..guidance.refine import MAX_ITERATIONS, RefineSettings
 from ..guidance.step import MEMORY_MODES
 from . import refine_hooks, unet_layers
+from .mmdit_support import refuse_unwired
 
 CATEGORY = "sampling/InfSplign"
 # Shipped defaults: chosen on the demo model's tuning prompts and seeds (demo/evaluate_refine.py --tune;
@@ -64,6 +65,7 @@ class Refine:
 
     def apply(self, model, relations, presence, separation, spatial, refine_percent, iterations, learning_rate,
               continuous, continuous_strength=30.0, continuous_end_percent=0.5, temperature=1.0, memory="auto"):
+        refuse_unwired(model)
         unet_layers.check_relations(model, relations)
         settings = RefineSettings(presence, separation, spatial, refine_percent, iterations, learning_rate,
                                   continuous, continuous_strength, continuous_end_percent, memory, temperature)
