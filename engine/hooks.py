@@ -62,10 +62,10 @@ PLAN_KEY = "infsplign_memory"
 FORWARDS = {"batched": "cond and uncond rows in one forward", "split": "cond rows apart from uncond rows"}
 
 
-def _install_capture(model_options: dict, family: ModelFamily, store: CaptureStore, run: RunTrace | None = None,
-                     observe: bool = False) -> None:
+def _install_capture(model_options: dict, family: ModelFamily, store: CaptureStore, diffusion_model,
+                     run: RunTrace | None = None, observe: bool = False) -> None:
     options = model_options.setdefault("transformer_options", {})
-    family.install_capture(options, store)
+    family.install_capture(options, store, diffusion_model)
     options[FAMILY_KEY] = family
     options[RUN_KEY] = store
     options[TRACE_KEY] = run
@@ -140,7 +140,7 @@ def capture_wrapper(relations: SpatialRelations, layers: tuple[Layer, ...], fami
         run = trace.start(settings.loss if settings is not None else LossSettings(), guided=settings is not None,
                           objective=step_terms.run_objective(store, settings, refine))
         # capture only records each step itself; InfSplign Refine's `continuous` records its own
-        _install_capture(guider.model_options, family, store, run,
+        _install_capture(guider.model_options, family, store, guider.model_patcher.model.diffusion_model, run,
                          observe=settings is None and not (refine is not None and refine.continuous))
         try:
             output = executor(*args, **kwargs)

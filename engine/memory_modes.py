@@ -175,7 +175,7 @@ def guided_forward(inner_model, store: CaptureStore, mode: str, transformer_opti
     def replaying(on: bool) -> None:
         store.replaying = on
     previous = transformer_options.get(OVERRIDE)
-    transformer_options[OVERRIDE] = efficient_attention_on_cuda(previous)
+    transformer_options[OVERRIDE] = family.step_attention(previous, efficient_attention_on_cuda)
     # in `low` each captured layer's maps are computed inside its recomputed module
     store.immediate, store.batched = mode == "low", batched
     try:

@@ -140,6 +140,12 @@ def count_mentions(text: str, phrase: str, end: int | None = None) -> int:
     return len(re.findall(_mention_pattern(phrase), text[:end], re.IGNORECASE))
 
 
+def mention_spans(text: str, phrase: str) -> list[tuple[int, int]]:
+    """(start, end) of each whole-word mention of `phrase` in `text`, in order, by the rule
+    count_mentions counts them (case-insensitive, any whitespace between its words)."""
+    return [m.span() for m in re.finditer(_mention_pattern(phrase), text, re.IGNORECASE)]
+
+
 def parse_relations(text: str) -> list[Relation]:
     """Every <A, R, B> in a prompt, in reading order. Raises RelationError when none is found.
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from ...guidance.relations import SpatialRelations
 from .interface import LAYER_PRESETS, Formula, ModelFamily, Twin, TwinSpec, UnsupportedModel
+from .mmdit.family import MMDIT
 from .unet import UNET
 
 __all__ = ["FAMILIES", "FAMILY_KEY", "LAYER_PRESETS", "Formula", "ModelFamily", "Twin", "TwinSpec",
            "UnsupportedModel", "checked_family", "family_of", "of_run"]
 
-FAMILIES: tuple[ModelFamily, ...] = (UNET,)
+FAMILIES: tuple[ModelFamily, ...] = (UNET, MMDIT)
 FAMILY_KEY = "infsplign_family"  # transformer_options key: the family of the run's model
 
 

@@ -35,6 +35,15 @@ Formula = Callable[[Tensor, Tensor, Tensor, float], Tensor]
 LAYER_PRESETS = ("auto", "coarse", "coarse+mid", "all decoder", "custom")
 
 
+def copied_options(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A module's call with its transformer_options copied: the model changes that dict
+    (block, cond_or_uncond) as the step goes on, and a recomputation must see what the
+    forward saw."""
+    if isinstance(kwargs.get("transformer_options"), dict):
+        kwargs = {**kwargs, "transformer_options": dict(kwargs["transformer_options"])}
+    return args, kwargs
+
+
 class UnsupportedModel(ValueError):
     """A model no family of the pack can guide; the message names it and what is supported."""
 
@@ -108,10 +117,17 @@ class ModelFamily:
         """The layers the guidance nodes capture without Attention Capture Patch."""
         return self.layers(model, "auto")
 
-    def install_capture(self, transformer_options: dict, store: CaptureStore) -> None:
-        """Put the hooks that record store.layers' maps into a run's transformer_options
-        (a per-run copy: nothing outlives the run), after the patches already there."""
+    def install_capture(self, transformer_options: dict, store: CaptureStore, diffusion_model: nn.Module) -> None:
+        """Put the hooks that record store.layers' maps of `diffusion_model` into a run's
+        transformer_options (a per-run copy: nothing outlives the run), after the patches
+        already there."""
         raise NotImplementedError
+
+    def step_attention(self, previous, efficient: Callable):
+        """The attention override of a guided step's forward: `efficient(previous)` (on CUDA
+        PyTorch's memory-efficient kernels for the calls that record a gradient, else
+        `previous`); a family whose capture is itself an override keeps it above."""
+        return efficient(previous)
 
     # -- the guided step --
     def guidance_formula(self, model_sampling) -> Formula:
@@ -132,11 +148,8 @@ class ModelFamily:
         raise NotImplementedError
 
     def snapshot_call(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """A recomputed module's call as it was at forward time: its transformer_options,
-        which the model changes as the step goes on (block, cond_or_uncond), copied."""
-        if isinstance(kwargs.get("transformer_options"), dict):
-            kwargs = {**kwargs, "transformer_options": dict(kwargs["transformer_options"])}
-        return args, kwargs
+        """A recomputed module's call as it was at forward time (see `copied_options`)."""
+        return copied_options(args, kwargs)
 
     def autograd_context(self, diffusion_model: nn.Module):
         """What makes backward through this family's blocks correct during a guided step

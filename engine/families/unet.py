@@ -207,7 +207,7 @@ class UNetFamily(ModelFamily):
     def layers(self, model, preset: str, custom: str = "") -> tuple[Layer, ...]:
         return select_layers(model, preset, custom)
 
-    def install_capture(self, transformer_options: dict, store: CaptureStore) -> None:
+    def install_capture(self, transformer_options: dict, store: CaptureStore, diffusion_model: nn.Module) -> None:
         """attn2 replace patches on the captured layers, each wrapping the patch already
         there (IPAdapter and the like keep working); other packs' block patches guarded for
         the backward pass; the graph stopped after the last captured output block; ControlNet
