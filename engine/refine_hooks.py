@@ -47,6 +47,13 @@ def _linear_inverse(f, sigma, y: torch.Tensor) -> torch.Tensor:
     return (y - base) / slope
 
 
+def input_scale(sampling, sigma: torch.Tensor) -> float:
+    """What the model divides its input latent by at `sigma` (ComfyUI's calculate_input:
+    sqrt(sigma^2 + sigma_data^2) on eps and v models, 1 under flow matching)."""
+    one = torch.ones((1, 1, 1, 1))
+    return 1.0 / float(sampling.calculate_input(sigma.reshape(1).float().cpu(), one).flatten()[0])
+
+
 def refine_at(guider, store, x: torch.Tensor, sigma: torch.Tensor, k: int, settings: RefineSettings,
               model_options: dict) -> tuple[torch.Tensor, RefineReport]:
     """The refined latent at step k (sigma), in the run's memory mode with its fallbacks."""
@@ -75,7 +82,7 @@ def refine_at(guider, store, x: torch.Tensor, sigma: torch.Tensor, k: int, setti
         with memory_modes.guided_forward(inner, store, mode, options,
                                          copy_everywhere=plan is not None and plan.copy_everywhere):
             return refine_latent(loss_at, x, float(sigma), settings.iterations, settings.learning_rate,
-                                 float(getattr(sampling, "sigma_data", 1.0)), report)
+                                 input_scale(sampling, sigma), report)
 
     def unrefined(reason: str):
         report.skipped = reason

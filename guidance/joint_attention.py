@@ -130,3 +130,25 @@ def joint_maps(q: Tensor, k: Tensor, image: tuple[int, int], index: MapIndex, hw
     else:
         maps = _forward(q, k, tuple(image), index, scale, rows)
     return maps.reshape(maps.shape[0], maps.shape[1], *hw)
+
+
+def joint_injection_delta(q: Tensor, k: Tensor, v: Tensor, image: tuple[int, int], columns: Tensor,
+                          masks: Tensor, strength: float, scale: float, rows: int) -> Tensor:
+    """iLGD's injection on one joint call: what it changes in the output of the image queries,
+    softmax(l + bias) v - softmax(l) v over all keys of the call (text and image), with the bias
+    of guidance/boxes.injection_bias: for each object token column, `strength` times the range
+    of its logit over all image queries (per image and head) where its box covers the query
+    (masks (J, N)). q, k, v (B, H, L, D); returns (B, H, N, D) in the compute dtype, `rows`
+    image queries at a time (never an (N, L) matrix of all queries at once). Not differentiated."""
+    want = compute_dtype(q.dtype)
+    qi = q[:, :, image[0]:image[1]].to(want)
+    kc, vc = k.to(want), v.to(want)
+    picked = (qi @ kc.index_select(2, columns).transpose(-1, -2)) * scale  # (B, H, N, J)
+    weight = strength * (picked.amax(dim=-2, keepdim=True) - picked.amin(dim=-2, keepdim=True))  # (B, H, 1, J)
+    cover = masks.to(want)
+    out = []
+    for start, stop in _chunks((0, qi.shape[2]), rows):
+        logits = (qi[:, :, start:stop] @ kc.transpose(-1, -2)) * scale  # (B, H, rows, L)
+        bias = torch.zeros_like(logits).index_add_(-1, columns, weight * cover[:, start:stop].t()[None, None])
+        out.append((torch.softmax(logits + bias, dim=-1) - torch.softmax(logits, dim=-1)) @ vc)
+    return torch.cat(out, dim=2)

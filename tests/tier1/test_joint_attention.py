@@ -131,3 +131,25 @@ def test_bad_input_is_named():
         joint_maps(q, k, image, object_index([[0]], q.device), (4, 4))
     with pytest.raises(ValueError, match="reduce must be"):
         object_index([[0]], q.device, reduce="max")
+
+
+def test_joint_injection_is_the_unet_injection_of_the_image_queries_over_all_keys():
+    """iLGD's injection on a joint call, chunked over the image queries, equals the UNet's
+    (guidance/boxes.injection_delta) given the image queries and every key and value of the
+    call: the bias spread is taken over all image queries, the softmax over all keys."""
+    from infsplign.guidance.boxes import injection_delta
+    from infsplign.guidance.joint_attention import joint_injection_delta
+    g = torch.Generator().manual_seed(5)
+    b, heads, d, text, hw = 2, 3, 8, 6, (4, 5)
+    n = hw[0] * hw[1]
+    length = text + n + 3  # three tokens after the image (reference latents)
+    q, k, v = (torch.randn(b, heads, length, d, generator=g, dtype=torch.float64) for _ in range(3))
+    columns = torch.tensor([1, 4])
+    masks = (torch.rand(2, n, generator=g, dtype=torch.float64) > 0.5).double()
+    image = (text, text + n)
+    joint = joint_injection_delta(q, k, v, image, columns, masks, 2.5, d ** -0.5, rows=3)
+    flat = lambda t: t.transpose(1, 2).reshape(b, t.shape[2], heads * d)  # noqa: E731
+    unet = injection_delta(flat(q[:, :, image[0]:image[1]]), flat(k), flat(v), heads, columns.tolist(), masks, 2.5)
+    assert joint.shape == (b, heads, n, d)
+    torch.testing.assert_close(flat(joint), unet, rtol=1e-10, atol=1e-12)
+    assert joint.abs().max() > 1e-3  # the boxes do change the output

@@ -102,3 +102,20 @@ def test_guidance_lowers_the_spatial_loss_on_most_prompts(host, mmdit_files, top
             rows.append((text, seed, off[-1].spatial, on[-1].spatial))
     print(f"{topology}: lower on {lower} of {len(rows)}")
     assert lower >= 0.9 * len(rows), rows
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_box_injection_acts_on_the_joint_attention_and_low_gives_fast(host, mmdit_files, topology):
+    """Layout Boxes' injection alone (strength 0) changes the image, without it (injection 0)
+    nothing changes; boxes with their loss and injection give the same latent in low as in fast."""
+    plain = _latent(host, mmdit_graphs.txt2img(topology, steps=STEPS))
+    zero = {**GUIDED, "strength": 0.0}
+    g = guided(topology, "layout", "ksampler", settings=zero, steps=STEPS)
+    injected = _latent(host, g)
+    assert torch.isfinite(injected).all() and (injected - plain).abs().max() / plain.abs().max() > 1e-4
+    g["layout"]["inputs"]["injection"] = 0.0
+    assert _latent(host, g).equal(plain)
+    fast = _latent(host, guided(topology, "layout", "ksampler", settings={**GUIDED, "memory": "fast"}, steps=STEPS))
+    low = _latent(host, guided(topology, "layout", "ksampler", settings={**GUIDED, "memory": "low"}, steps=STEPS))
+    assert torch.isfinite(fast).all() and not fast.equal(injected)
+    assert ((low - fast).abs().max() / fast.abs().max()) <= 1e-5

@@ -150,12 +150,25 @@ class CaptureOverride:
     def __call__(self, func, *args, **kwargs):
         self._record(args[0], args[1], args, kwargs)
         if self.previous is not None:
-            return self.previous(func, *args, **kwargs)
-        return func(*args, **kwargs)
+            out = self.previous(func, *args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        return self._adjusted(out, args[0], args[1], args[2], args, kwargs)
 
     def _containers(self, *args, **kwargs):
-        self._record(args[0].peek(), args[1].peek(), args, kwargs)
-        return self.previous.container_function(*args, **kwargs)
+        q, k, v = args[0].peek(), args[1].peek(), args[2].peek()
+        self._record(q, k, args, kwargs)
+        return self._adjusted(self.previous.container_function(*args, **kwargs), q, k, v, args, kwargs)
+
+    def _adjusted(self, out, q, k, v, args: tuple, kwargs: dict):
+        """The call's output as the capture's `injected` changes it (the boxes' injection of a
+        guided run), when it has one; else unchanged."""
+        inject = getattr(self.capture, "injected", None)
+        block = _block(kwargs)
+        if inject is None or block is None:
+            return out
+        return inject(out, block, q, k, v, _heads(args, kwargs), bool(kwargs.get("skip_reshape", False)),
+                      kwargs.get("scale"), kwargs.get("transformer_options"))
 
 
 def flux_blocks(diffusion_model) -> tuple[Block, ...]:

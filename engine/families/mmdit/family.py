@@ -38,7 +38,8 @@ from torch import nn
 import comfy.model_base
 import comfy.model_sampling
 
-from ....guidance.capture import CaptureStore, Layer
+from ....guidance.capture import CaptureStore, Layer, cond_rows
+from ....guidance.joint_attention import chunk_rows, joint_injection_delta
 from ....guidance.relations import SpatialRelations
 from ....guidance.step import guided_denoised, guided_flow_denoised
 from ..interface import LAYER_PRESETS, Formula, ModelFamily, Twin, TwinSpec, hashable
@@ -48,6 +49,8 @@ from .recompute import _PATCH_KEY, ordered_blocks
 from .recompute import recompute_units as joint_recompute_units
 
 PATCH = 2  # Flux, Chroma and SD3: one image token per 2 x 2 latent patch
+# Logits of one chunk of image queries of the boxes' injection (two softmaxes of it at a time).
+INJECTION_CHUNK_BYTES = 64 * 2**20
 VARIANTS = {"flux": "Flux.1", "chroma": "Chroma", "sd3": "SD3 / SD3.5"}
 # The encoders whose contexts each model reads (engine/text_contexts.py names them).
 ENCODERS = {"flux": ("t5xxl",), "chroma": ("t5xxl",),
@@ -130,33 +133,71 @@ class StoreCapture:
         self.store = store
         self.blocks = {_block(layer): layer for layer in store.layers}
 
-    def record(self, block, q, k, heads: int, skip_reshape: bool, scale, options: dict | None = None) -> None:
-        store, options = self.store, options or {}
+    def _call(self, block, q, k, heads: int, skip_reshape: bool, options: dict):
+        """(layer, q, k as (B, H, L, D), text rows, image span, hw) of a captured joint call of
+        the cond rows, else None. A call with fewer text rows than the prompt has (a crop of the
+        latent: area conditioning) is counted and not read."""
+        store = self.store
         layer = self.blocks.get(block)
         if layer is None or not (store.capturing or store.replaying) or store.latent_hw is None:
-            return
-        cond_or_uncond = options.get("cond_or_uncond") or [0]
-        if 0 not in cond_or_uncond:
-            return
+            return None
+        if 0 not in (options.get("cond_or_uncond") or [0]):
+            return None
         if not skip_reshape:  # SD3: (B, L, H * D) -> (B, H, L, D), views
             b, length, width = q.shape
             q = q.view(b, length, heads, width // heads).transpose(1, 2)
             k = k.view(b, k.shape[1], heads, width // heads).transpose(1, 2)
         if q.shape[2] != k.shape[2]:  # not one joint sequence
-            return
+            return None
         h, w = store.latent_hw[-2:]
         hw = ((h + PATCH - 1) // PATCH, (w + PATCH - 1) // PATCH)
         # [text | image | reference images (Kontext; ComfyUI 0.33 counts their tokens)]
         text = k.shape[2] - hw[0] * hw[1] - sum(options.get("reference_image_num_tokens") or ())
-        prompt = store.relations.sequence_length
-        if text < prompt:  # a crop of the latent (area conditioning): its maps are not the image's
+        if text < store.relations.sequence_length:
             store.cropped_calls += store.capturing
+            return None
+        return layer, q, k, text, (text, text + hw[0] * hw[1]), hw
+
+    def record(self, block, q, k, heads: int, skip_reshape: bool, scale, options: dict | None = None) -> None:
+        options = options or {}
+        call = self._call(block, q, k, heads, skip_reshape, options)
+        if call is None:
             return
+        layer, q, k, text, image, hw = call
         # Conds of unequal lengths in one batch are repeated to a common length (ComfyUI's
         # CONDCrossAttn.concat): identical copies of the prompt's rows share its attention.
+        prompt = self.store.relations.sequence_length
         copies = text // prompt if text % prompt == 0 else 1
-        store.record_joint(layer, q, k, (text, text + hw[0] * hw[1]), hw,
-                           q.shape[-1] ** -0.5 if scale is None else float(scale), cond_or_uncond, copies)
+        self.store.record_joint(layer, q, k, image, hw, q.shape[-1] ** -0.5 if scale is None else float(scale),
+                                options.get("cond_or_uncond") or [0], copies)
+
+    def injected(self, out, block, q, k, v, heads: int, skip_reshape: bool, scale, options: dict | None = None):
+        """The call's output with the boxes' injection added to its cond rows' image queries
+        (guidance/joint_attention.joint_injection_delta), while the store is injecting; else
+        `out` itself. Computed without autograd, as on the UNet: for the step's gradient it is
+        a constant shift of the output."""
+        store, options = self.store, options or {}
+        if not (store.injecting and store.relations.boxes) or options.get("skip_output_reshape") or out.dim() != 3:
+            return out
+        call = self._call(block, q, k, heads, skip_reshape, options)
+        if call is None:
+            return out
+        layer, q, k, text, image, hw = call
+        if not skip_reshape:  # SD3 hands v as (B, L, H, D) or (B, L, H * D)
+            v = v.reshape(v.shape[0], v.shape[1], heads, -1).transpose(1, 2)
+        rows, _ = cond_rows(options.get("cond_or_uncond") or [0], q.shape[0])
+        index = None if rows is None else store._row_index(rows, q.device, as_tensor=True)
+        if index is not None:
+            q, k, v = (t.index_select(0, index) for t in (q, k, v))
+        columns, masks = store._box_index(hw, q.device)
+        with torch.no_grad():
+            delta = joint_injection_delta(q, k, v, image, columns, masks, store.relations.layout.injection,
+                                          q.shape[-1] ** -0.5 if scale is None else float(scale),
+                                          chunk_rows(q, k.shape[2], INJECTION_CHUNK_BYTES))
+            delta = delta.transpose(1, 2).reshape(delta.shape[0], delta.shape[2], -1).to(out.dtype)
+            full = torch.zeros((delta.shape[0], *out.shape[1:]), dtype=out.dtype, device=out.device)
+            full[:, image[0]:image[1]] = delta
+        return out + full if index is None else out.index_add(0, index, full)
 
 
 def _detached_after(store: CaptureStore, previous):
