@@ -44,7 +44,7 @@ from testkit.pack import module  # noqa: E402
 unet_family = module("engine.families.unet")
 memory_estimate = module("engine.memory_estimate")
 mmdit_memory = module("engine.families.mmdit.memory")
-mmdit_capture = module("engine.families.mmdit.capture")
+mmdit_family = module("engine.families.mmdit.family")
 
 GIB = 2**30
 MODELS = {  # full-width UNet configs, as ComfyUI detects them from real checkpoints
@@ -127,8 +127,9 @@ def check() -> int:
     return 0 if worst <= 0.05 else 1
 
 
-MMDIT_ROWS = [("Flux.1-dev", "all"), ("Flux.1-dev", "double"), ("SD3.5-M", "all"), ("SD3.5-L", "all")]
-MMDIT_BLOCKS = {"all": "all joint blocks", "double": "double blocks only"}
+MMDIT_ROWS = [("Flux.1-dev", "auto"), ("Flux.1-dev", "all"), ("SD3.5-M", "auto"), ("SD3.5-M", "all"),
+              ("SD3.5-L", "auto"), ("SD3.5-L", "all")]
+MMDIT_BLOCKS = {"all": "all joint blocks", "auto": "auto (the default)"}
 
 
 def mmdit_table() -> int:
@@ -146,8 +147,8 @@ def mmdit_table() -> int:
         full = mmdit_memory.FULL_SIZE[name]
         twin = mmdit_memory.meta_twin(mmdit_memory.full_size_config(name), torch.bfloat16)
         wanted = None
-        if blocks == "double":
-            wanted = [b for b in mmdit_capture.flux_blocks(twin.model) if b[0] == "double"]
+        if blocks == "auto":  # the guidance nodes' default blocks (Flux: the double blocks; SD3: the first half)
+            wanted = [(layer.kind, layer.block) for layer in mmdit_family.auto_layers(twin.model)]
         r = {mode: mmdit_memory.count_step(twin, mode, wanted, 1, (128, 128), full.text_tokens, full.real_cfg)
              for mode in ("fast", "low")}
         results[(name, blocks)] = r

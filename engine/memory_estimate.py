@@ -131,6 +131,9 @@ def count_step(twin: Twin, batch: int, latent_hw: tuple[int, int], mode: str, at
 @functools.lru_cache(maxsize=32)
 def _cached(spec: TwinSpec, batch: int, latent_hw: tuple[int, int], mode: str, attention: str,
             layers: tuple[Layer, ...], relations: SpatialRelations, tokens: int, batched: bool) -> StepMemory:
+    own = spec.family.count_step(spec, batch, latent_hw, mode, layers, tokens, batched)
+    if own is not None:
+        return own
     return count_step(spec.family.twin(spec), batch, latent_hw, mode, attention, layers, relations, tokens, batched)
 
 

@@ -165,3 +165,9 @@ class ModelFamily:
         """The twin of a spec, on the meta device (or, for a check against real tensors,
         on `device` with uninitialised weights)."""
         raise NotImplementedError
+
+    def count_step(self, spec: TwinSpec, batch: int, latent_hw: tuple[int, int], mode: str,
+                   layers: tuple[Layer, ...], tokens: int, batched: bool):
+        """A StepMemory counted the family's own way, or None for the engine's count
+        (engine/memory_estimate.count_step on the twin)."""
+        return None

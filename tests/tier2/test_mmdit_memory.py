@@ -81,3 +81,23 @@ def test_full_size_configs_are_comfyuis_detection(host, name, kind, blocks, widt
         assert (len(found),) == blocks and twin.model.x_embedder.proj.out_channels == width
     if name == "SD3.5-M":
         assert cfg.unet_config["x_block_self_attn_layers"] == list(range(13))
+
+
+@pytest.mark.parametrize("mode", ["fast", "low"])
+def test_the_run_plan_counts_an_mmdit_step_as_the_table_does(host, mode):
+    """The count a guided run plans with (engine/memory_estimate.estimate, through the family)
+    is the one bench/memory.py --mmdit prints, for the blocks the run captures; a batch of two
+    is twice one image's."""
+    from infsplign.engine import memory_estimate
+    from infsplign.engine.families.mmdit import memory as mmdit_memory
+    from infsplign.engine.families.mmdit.family import MMDIT
+    from testkit import mmdit_models
+    model = mmdit_models.load("flux_dev")[0]
+    layers = MMDIT.default_layers(model)
+    planned = memory_estimate.estimate(model, 1, HW, mode, "efficient", layers, memory_estimate.PROBE_RELATIONS, 256)
+    twin = mmdit_memory.meta_twin(mmdit_models.model_config("flux_dev"), torch.float32)
+    counted = mmdit_memory.count_step(twin, mode, [(layer.kind, layer.block) for layer in layers], 1, HW, 256, True)
+    assert planned.plain_peak == counted.plain_peak and planned.guided_peak == counted.guided_peak
+    assert abs(planned.kept - counted.kept) <= 1024 and planned.kept > 0  # (a cached index: bytes)
+    two = memory_estimate.estimate(model, 2, HW, mode, "efficient", layers, memory_estimate.PROBE_RELATIONS, 256)
+    assert two.kept == 2 * planned.kept and two.extra == 2 * planned.extra

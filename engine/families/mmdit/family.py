@@ -166,8 +166,10 @@ class StoreCapture:
         layer, q, k, text, image, hw = call
         # Conds of unequal lengths in one batch are repeated to a common length (ComfyUI's
         # CONDCrossAttn.concat): identical copies of the prompt's rows share its attention.
+        # (A cond alone in its forward is never repeated.)
         prompt = self.store.relations.sequence_length
-        copies = text // prompt if text % prompt == 0 else 1
+        batched = len(options.get("cond_or_uncond") or [0]) > 1
+        copies = text // prompt if batched and text % prompt == 0 else 1
         self.store.record_joint(layer, q, k, image, hw, q.shape[-1] ** -0.5 if scale is None else float(scale),
                                 options.get("cond_or_uncond") or [0], copies)
 
@@ -300,6 +302,21 @@ class MMDiTFamily(ModelFamily):
         fresh = type(config)(dict(config.unet_config))  # (the loaded model's own config stays as it is)
         twin = mmdit_memory.meta_twin(fresh, spec.dtype, device)
         return MMDiTTwin(self, twin.model, spec.dtype, dict(config.unet_config), device)
+
+
+    def count_step(self, spec: TwinSpec, batch: int, latent_hw: tuple[int, int], mode: str,
+                   layers: tuple[Layer, ...], tokens: int, batched: bool):
+        """memory.count_step, the count checked against real tensors (bench/memory.py --mmdit
+        --check) and the one the README's table shows: with the uncond rows' forward (the
+        plan does not know the cfg; at cfg 1 the count is a little high), or in the batched
+        design one forward of both rows' worth with autograd."""
+        from . import memory as mmdit_memory
+        config = spec.config["config"]
+        twin = mmdit_memory.meta_twin(type(config)(dict(config.unet_config)), spec.dtype)
+        blocks = [_block(layer) for layer in layers]
+        if batched:
+            return mmdit_memory.count_step(twin, mode, blocks, 2 * batch, latent_hw, tokens, real_cfg=False)
+        return mmdit_memory.count_step(twin, mode, blocks, batch, latent_hw, tokens, real_cfg=True)
 
 
 class MMDiTTwin(Twin):
