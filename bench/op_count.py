@@ -266,7 +266,7 @@ REFINE_ITERATIONS = 2
 
 def measure(topology: str, session, count: Count, pack, only=()) -> dict:
     """The rows of one topology (the model warmed up by one guided run first)."""
-    memory_modes = pack("nodes.memory_modes")
+    memory_modes = pack("engine.memory_modes")
     rows = graphs(topology)
     warm = session.execute(rows["guided fast, split"][0](0))
     if not warm.success:
@@ -279,7 +279,7 @@ def measure(topology: str, session, count: Count, pack, only=()) -> dict:
         started = time.perf_counter()
         memory_modes.FORCE_DESIGN = design
         try:
-            with counting(count), counting_refinement(count, pack("nodes.refine_hooks")):
+            with counting(count), counting_refinement(count, pack("engine.refine_hooks")):
                 run = session.execute(build(seed))
         finally:
             memory_modes.FORCE_DESIGN = None

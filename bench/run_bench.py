@@ -61,7 +61,7 @@ relations_mod = module("guidance.relations")
 autograd = module("guidance.autograd")
 step = module("guidance.step")
 losses = module("guidance.losses")
-hooks = module("nodes.hooks")
+hooks = module("engine.hooks")
 guidance_nodes = module("nodes.guidance_nodes")
 
 SETTINGS = dict(strength=1000.0, loss="sigmoid", alpha=8.0, margin=0.0, orthogonal="auto",
@@ -186,12 +186,12 @@ def naive_wrapper(settings):
 def variants(model, end_percent=0.25):
     settings = {**SETTINGS, "end_percent": end_percent}
     # the relations as Spatial Relation Parse gives them for this model's CLIP family
-    family = module("nodes.unet_layers").family(model)
-    relations = dataclasses.replace(RELATIONS, encoder=module("nodes.unet_layers").ENCODERS[family])
+    family = module("engine.families").family_of(model)
+    relations = dataclasses.replace(RELATIONS, encoder=family.encoder(model))
     fast = guidance_nodes._guided_model(model, relations, {**settings, "memory": "fast"})
     low = guidance_nodes._guided_model(model, relations, {**settings, "memory": "low"})
     strength0 = guidance_nodes._guided_model(model, relations, {**settings, "strength": 0.0, "end_percent": 1.0})
-    capture = hooks.with_capture(model, relations, module("nodes.unet_layers").select_layers(model, "auto"))
+    capture = hooks.with_capture(model, relations, family.default_layers(model))
     naive = fast.clone()
     naive.remove_wrappers_with_key(WrappersMP.CALC_COND_BATCH, hooks.SPLIT_KEY)
     naive.remove_wrappers_with_key(WrappersMP.PREDICT_NOISE, hooks.GUIDANCE_KEY)
@@ -224,7 +224,7 @@ def reports():
 @contextlib.contextmanager
 def design(name):
     """Force the guided `fast` step's forward design ("batched" / "split"; None: the pack's choice)."""
-    memory_modes = module("nodes.memory_modes")
+    memory_modes = module("engine.memory_modes")
     memory_modes.FORCE_DESIGN = name
     try:
         yield

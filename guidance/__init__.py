@@ -1,2 +1,2 @@
 """InfSplign's method in plain torch: relations, attention statistics, losses, the guided
-step. Nothing in this package imports ComfyUI; nodes/ is the glue."""
+step. Nothing in this package imports ComfyUI; engine/ is the ComfyUI side."""

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .attention_maps import MapIndex, compute_dtype, replay_saved, token_maps_of_layers
 from .boxes import box_masks, injection_delta
+from .joint_attention import chunk_rows, joint_maps
 from .losses import Pair
 from .relations import SpatialRelations
 
@@ -27,6 +28,9 @@ from .relations import SpatialRelations
 # float32 q and k, the logits and the softmax): more layers per chunk means fewer
 # operations, and more memory for a moment.
 CHUNK_BYTES = 64 * 2**20
+# Logits of one chunk of image queries of a joint (MMDiT) call whose maps are computed inside
+# the call (a `low` step): what the recomputation holds on top of one block's activations.
+JOINT_LOW_CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class Layer:
     block: int
     transformer: int
     level: str  # "coarse" | "mid" | "fine"
+    kind: str = ""  # MMDiT: "double" (joint block) or "single" (single-stream block); UNet: ""
 
 
 def object_slots(relations: SpatialRelations) -> tuple[tuple[tuple[int, ...], ...], tuple[Pair, ...]]:
@@ -192,6 +197,39 @@ class CaptureStore:
         pending.ks.append(k)
         if len(pending.layers) >= pending.capacity:
             self._flush(key)
+
+    def record_joint(self, layer: Layer, q: Tensor, k: Tensor, image: tuple[int, int], hw: tuple[int, int],
+                     scale: float, cond_or_uncond: Sequence[int], copies: int = 1) -> None:
+        """The object maps of one joint (MMDiT) attention call: q, k (B, H, L, D) over one
+        sequence of text and image tokens, `image` the image tokens' (start, stop), the text
+        before them (guidance/joint_attention.py); `copies`: how many times the prompt's
+        rows repeat in the text (each copy gets an equal share of the probability). Computed now, on the cond rows: the maps
+        are kilobytes, and their gradient recomputes the logits from q and k, which the
+        model's own attention keeps for its backward anyway. A no-op unless capturing; while
+        replaying (a `low` block's recomputation), save what the maps saved."""
+        if not (self.capturing or self.replaying) or 0 not in cond_or_uncond:
+            return
+        rows, entries = cond_rows(cond_or_uncond, q.shape[0])
+        if rows is not None:
+            index = self._row_index(rows, q.device, as_tensor=bool(rows.at))
+            q, k = (t[index] if isinstance(index, slice) else t.index_select(0, index) for t in (q, k))
+        if self.replaying:
+            replay_saved(q, k)
+            return
+        longest = max(max(g) for g in self.groups)
+        if longest >= image[0]:
+            raise TokenPositionError(
+                f"Object token position {longest} is beyond the conditioning's {image[0]} text tokens: "
+                "the relations were parsed from another text than the positive prompt. Connect the "
+                "positive prompt's text to Spatial Relation Parse.")
+        budget = JOINT_LOW_CHUNK_BYTES if self.immediate else None
+        maps = joint_maps(q, k, image, self.index(q.device), hw, scale=scale / self.temperature,
+                          rows=None if budget is None else chunk_rows(q, k.shape[2], budget))
+        if copies > 1:
+            maps = maps * copies
+        if entries > 1:  # several cond entries of each image: their mean
+            maps = maps.view(entries, -1, *maps.shape[1:]).mean(dim=0)
+        self._done.append(((layer,), maps.unsqueeze(0)))
 
     def _flush(self, key) -> None:
         p = self._pending.pop(key)

@@ -6,8 +6,9 @@ many steps).
 
 The loss is the engine's Objective (guidance/losses.py): InfSplign's relation terms times
 `spatial`, the boxes' terms when there are boxes, and the presence and separation terms of
-guidance/presence.py. The latent is optimised as the UNet sees it, z = x / sqrt(sigma^2 +
-sigma_data^2) (ComfyUI's x = x0 + sigma n), so the learning rate means the same at every
+guidance/presence.py. The latent is optimised as the model sees it: z = x / scale, with
+scale = sqrt(sigma^2 + sigma_data^2) on eps and v models (ComfyUI's x = x0 + sigma n) and 1
+under flow matching (ComfyUI's calculate_input), so the learning rate means the same at every
 step. Pure torch, no ComfyUI.
 """
 from __future__ import annotations
@@ -97,9 +98,10 @@ class RefineReport:
 
 
 def refine_latent(loss_at: Callable[[Tensor], Tensor | None], x: Tensor, sigma: float, iterations: int,
-                  learning_rate: float, sigma_data: float = 1.0,
+                  learning_rate: float, scale: float | None = None,
                   report: RefineReport | None = None) -> tuple[Tensor, RefineReport]:
-    """Adam on z = x / sqrt(sigma^2 + sigma_data^2) for `iterations` steps of `loss_at`.
+    """Adam on z = x / scale for `iterations` steps of `loss_at`; `scale`: how the model
+    divides its input latent at this sigma (default sqrt(sigma^2 + 1), an eps / v model's).
 
     `loss_at(x)` runs the model's forward at latent x (with autograd) and returns the scalar
     loss, or None when no maps were captured. The loss is evaluated once more at the result
@@ -108,7 +110,7 @@ def refine_latent(loss_at: Callable[[Tensor], Tensor | None], x: Tensor, sigma: 
     change nothing), so the burst never waits for it; the losses are read once, at the end.
     Returns the refined latent (x's dtype) and the report."""
     report = report if report is not None else RefineReport(-1, sigma)
-    scale = math.sqrt(sigma * sigma + sigma_data * sigma_data)
+    scale = math.sqrt(sigma * sigma + 1.0) if scale is None else float(scale)
     losses, finite = [], []  # per evaluation: the loss, and whether it and its gradient were finite
     with grad_enabled():
         z = (x.detach().to(torch.promote_types(x.dtype, torch.float32)) / scale).clone().requires_grad_(True)

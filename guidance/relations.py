@@ -1,7 +1,7 @@
 """Reading spatial relations <A, R, B> out of a prompt.
 
 "a potted plant to the right of a clock" -> Relation("potted plant", "right", "clock").
-Plain text in, plain data out: token positions are found elsewhere (nodes/tokens.py),
+Plain text in, plain data out: token positions are found elsewhere (engine/tokens.py),
 with the tokenizer of the CLIP that encodes the prompt.
 """
 from __future__ import annotations
@@ -138,6 +138,12 @@ def _joined_to_previous(segment: str) -> bool:
 def count_mentions(text: str, phrase: str, end: int | None = None) -> int:
     """How often `phrase` occurs as whole words in text[:end] (case-insensitive)."""
     return len(re.findall(_mention_pattern(phrase), text[:end], re.IGNORECASE))
+
+
+def mention_spans(text: str, phrase: str) -> list[tuple[int, int]]:
+    """(start, end) of each whole-word mention of `phrase` in `text`, in order, by the rule
+    count_mentions counts them (case-insensitive, any whitespace between its words)."""
+    return [m.span() for m in re.finditer(_mention_pattern(phrase), text, re.IGNORECASE)]
 
 
 def parse_relations(text: str) -> list[Relation]:

@@ -4,6 +4,11 @@ Samplers hold x = x0 + sigma n; the UNet sees z_t = x / sqrt(1 + sigma^2), and e
 type reduces to eps = (x - D) / sigma. Thesis Eq. 6 adds w grad_{z_t} L to eps; with
 grad_{z_t} L = sqrt(1 + sigma^2) grad_x L that is, on the denoised prediction D,
     D' = D - sigma * w * sqrt(1 + sigma^2) * grad_x L.
+Flow matching (ComfyUI's CONST sampling: x = sigma n + (1 - sigma) x0, the model input is x
+itself, D = x - sigma v, so the sampler's eps (x - D) / sigma is v) takes the step on v:
+    v' = v + w grad_x L,  D' = D - sigma * w * grad_x L,
+finite at sigma = 1, where adding to the noise estimate itself would be singular.
+Which formula a model gets is its family's choice (engine/families).
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from .losses import LossSettings, Objective, Terms, objective_terms
 
 # Steps within this relative distance of a window boundary count as on it.
 WINDOW_TOLERANCE = 1e-3
-# How the guided step spends memory (nodes/memory_modes.py): `fast` keeps what autograd
+# How the guided step spends memory (engine/memory_modes.py): `fast` keeps what autograd
 # saves, `low` recomputes inside the UNet's blocks during backward, `auto` picks per step.
 MEMORY_MODES = ("auto", "fast", "low")
 
@@ -44,6 +49,11 @@ def guided_denoised(denoised: Tensor, grad_x: Tensor, sigma: Tensor, strength: f
     """Eq. 6 on ComfyUI's denoised output: D' = D - sigma w sqrt(1 + sigma^2) grad_x L."""
     s = _per_sample(sigma, denoised)
     return denoised - s * strength * grad_z_from_grad_x(grad_x, sigma)
+
+
+def guided_flow_denoised(denoised: Tensor, grad_x: Tensor, sigma: Tensor, strength: float) -> Tensor:
+    """Flow matching (CONST): v' = v + w grad_x L on D = x - sigma v, so D' = D - sigma w grad_x L."""
+    return denoised - _per_sample(sigma, denoised) * strength * grad_x
 
 
 def in_window(sigma: float, sigma_start: float, sigma_end: float, tol: float = WINDOW_TOLERANCE) -> bool:
@@ -143,13 +153,16 @@ def _unguided(sigma: float) -> StepReport:
 
 def guided_step(predict: Callable[[Tensor], Tensor], x: Tensor, sigma: Tensor,
                 store: CaptureStore, settings: GuidanceSettings,
-                objective: Objective | None = None, sigma_value: float | None = None) -> tuple[Tensor, StepReport]:
+                objective: Objective | None = None, sigma_value: float | None = None,
+                formula: Callable[[Tensor, Tensor, Tensor, float], Tensor] = guided_denoised,
+                ) -> tuple[Tensor, StepReport]:
     """One InfSplign step around the sampler's own prediction.
 
     `predict(x)` is the sampler's batched cond/uncond forward returning the denoised x0.
     It runs once with autograd recording; the loss on the captured cond maps is
-    differentiated once w.r.t. x (one backward, no second forward), and Eq. 6 is applied
-    to the detached prediction. Strength 0 only observes the loss. A non-finite loss or
+    differentiated once w.r.t. x (one backward, no second forward), and `formula` (Eq. 6
+    by default; the model family's for its sampling type) is applied to the detached
+    prediction. Strength 0 only observes the loss. A non-finite loss or
     gradient, or a step on which no maps were captured, leaves the prediction unguided and
     says so in the report. `objective`: the terms of this step (default: the relations).
 
@@ -182,7 +195,7 @@ def guided_step(predict: Callable[[Tensor], Tensor], x: Tensor, sigma: Tensor,
         denoised = denoised.detach()
         values = _values(terms, grad)
         finite = torch.isfinite(terms.loss.detach() + values[3])  # loss and gradient both finite
-        guided = guided_denoised(denoised, grad.to(denoised.dtype), sigma.to(denoised.device), settings.strength)
+        guided = formula(denoised, grad.to(denoised.dtype), sigma.to(denoised.device), settings.strength)
         return torch.where(finite, guided, denoised), _report(values, sigma_value, layers, took_gradient=True)
     finally:
         store.capturing = False

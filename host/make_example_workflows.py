@@ -1,7 +1,7 @@
-"""Writes example workflows a, b, c, e and f (UI format, as the ComfyUI frontend saves them),
-and the saved view of all six.
+"""Writes example workflows a, b, c, e, f, g and h (UI format, as the ComfyUI frontend saves
+them), and the saved view of all eight.
 
-    .venv/bin/python host/make_example_workflows.py        # rewrite example_workflows/{a,b,c,e,f} - *.json
+    .venv/bin/python host/make_example_workflows.py        # rewrite example_workflows/{a,b,c,e,f,g,h} - *.json
     .venv/bin/python host/make_example_workflows.py --check  # exit 1 if a committed file differs
 
 Workflow d (the demo model) is edited by hand; only its saved view is written here. Each
@@ -354,12 +354,76 @@ def demo_model_refine() -> dict:
     return w.to_json()
 
 
+def flux_dev_ksampler() -> dict:
+    w = Workflow("InfSplign on Flux.1-dev with KSampler: cfg 1, the guidance value set by FluxGuidance.")
+    ckpt = w.node("CheckpointLoaderSimple", (X[0], 80), (320, 100), ["flux1-dev-fp8.safetensors"])
+    t = prompt_and_parse(w, (ckpt, 1), "a cat to the left of a dog", X[1], 230)
+    w.note((X[0], 440), (320, 260),
+           "**InfSplign, Flux.1-dev + KSampler**\n\nNeeds `models/checkpoints/flux1-dev-fp8.safetensors` "
+           "(the checkpoint with its CLIP-L, T5 and VAE inside).\n\nFlux.1-dev samples at cfg 1 with "
+           "*FluxGuidance* on the positive prompt; the negative is not used. *Spatial Relation Parse* "
+           "reads the prompt's T5 tokens. The defaults are the UNet's numbers, not yet tuned on Flux.")
+    flux = w.node("FluxGuidance", (X[2], 430), (320, 60), [3.5])
+    latent = w.node("EmptySD3LatentImage", (X[1], 670), (320, 110), [1024, 1024, 1])
+    apply = w.node("InfSplignApply", (X[2], 80), (320, 310), list(GUIDANCE_DEFAULTS))
+    sampler = w.node("KSampler", (X[3], 80), (320, 270), [42, "fixed", 20, 1.0, "euler", "simple", 1.0])
+    decode = w.node("VAEDecode", (X[4], 80), (210, 50))
+    save = w.node("SaveImage", (X[5], 80), (420, 460), ["infsplign/flux"])
+    w.link(ckpt, 0, apply, "model")
+    w.link(t["parse"], 0, apply, "relations")
+    w.link(t["pos"], 0, flux, "conditioning")
+    w.link(apply, 0, sampler, "model")
+    w.link(flux, 0, sampler, "positive")
+    w.link(t["neg"], 0, sampler, "negative")
+    w.link(latent, 0, sampler, "latent_image")
+    w.link(sampler, 0, decode, "samples")
+    w.link(ckpt, 2, decode, "vae")
+    w.link(decode, 0, save, "images")
+    return w.to_json()
+
+
+def sd35_guider_custom_sampler() -> dict:
+    w = Workflow("InfSplign on SD3.5 Medium with InfSplign Guider and SamplerCustomAdvanced.")
+    ckpt = w.node("CheckpointLoaderSimple", (X[0], 80), (320, 100),
+                  ["sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"])
+    t = prompt_and_parse(w, (ckpt, 1), "a red apple to the right of a blue cup", X[1], 230)
+    w.note((X[0], 440), (320, 260),
+           "**InfSplign, SD3.5 + SamplerCustomAdvanced**\n\nNeeds "
+           "`models/checkpoints/sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors` (SD3.5 Large works "
+           "too).\n\n*Spatial Relation Parse* reads the prompt's CLIP-L, CLIP-G and T5 tokens. The "
+           "defaults are the UNet's numbers, not yet tuned on SD3.5.")
+    latent = w.node("EmptySD3LatentImage", (X[1], 670), (320, 110), [1024, 1024, 1])
+    guider = w.node("InfSplignGuider", (X[2], 80), (320, 340), [4.5, *GUIDANCE_DEFAULTS])
+    noise = w.node("RandomNoise", (X[2], 470), (320, 90), [42, "fixed"])
+    select = w.node("KSamplerSelect", (X[2], 610), (320, 60), ["euler"])
+    sigmas = w.node("BasicScheduler", (X[2], 720), (320, 110), ["sgm_uniform", 30, 1.0])
+    sampler = w.node("SamplerCustomAdvanced", (X[3], 80), (320, 330), [])
+    decode = w.node("VAEDecode", (X[4], 80), (210, 50))
+    save = w.node("SaveImage", (X[5], 80), (420, 460), ["infsplign/sd35"])
+    w.link(ckpt, 0, guider, "model")
+    w.link(t["pos"], 0, guider, "positive")
+    w.link(t["neg"], 0, guider, "negative")
+    w.link(t["parse"], 0, guider, "relations")
+    w.link(ckpt, 0, sigmas, "model")
+    w.link(noise, 0, sampler, "noise")
+    w.link(guider, 0, sampler, "guider")
+    w.link(select, 0, sampler, "sampler")
+    w.link(sigmas, 0, sampler, "sigmas")
+    w.link(latent, 0, sampler, "latent_image")
+    w.link(sampler, 0, decode, "samples")
+    w.link(ckpt, 2, decode, "vae")
+    w.link(decode, 0, save, "images")
+    return w.to_json()
+
+
 WORKFLOWS = {
     "a - InfSplign on SD1.5 with KSampler.json": sd15_ksampler,
     "b - InfSplign Guider on SDXL, custom sampler.json": sdxl_guider_custom_sampler,
     "c - InfSplign with a LoRA and a ControlNet.json": sd15_lora_controlnet,
     "e - Demo model, layout boxes.json": demo_model_layout_boxes,
     "f - Demo model, InfSplign Refine.json": demo_model_refine,
+    "g - InfSplign on Flux.1-dev with KSampler.json": flux_dev_ksampler,
+    "h - InfSplign Guider on SD3.5, custom sampler.json": sd35_guider_custom_sampler,
 }
 HAND_EDITED = "d - Demo model, unguided vs InfSplign.json"  # only its saved view is written here
 

@@ -1,4 +1,5 @@
-"""ComfyUI glue: node schemas and wiring; the method itself lives in guidance/."""
+"""The node classes: inputs, outputs, validation and one call into the engine (engine/);
+the method itself lives in guidance/, the preview's drawing in preview/."""
 from .demo_model import DemoModelLoader
 from .guidance_nodes import Apply, AttentionCapture, Guider
 from .layout_node import LayoutBoxes

@@ -5,7 +5,7 @@ import comfy.samplers
 
 from ..guidance.losses import ACTIVATIONS, LossSettings
 from ..guidance.step import MEMORY_MODES, GuidanceSettings
-from . import hooks, unet_layers
+from ..engine import families, hooks
 
 CATEGORY = "sampling/InfSplign"
 ORTHOGONAL_CHOICES = ("auto", "none", "l1", "l2")
@@ -39,7 +39,7 @@ def settings_inputs() -> dict:
 def make_settings(model, strength, loss, alpha, margin, orthogonal, presence_weight, balance_weight,
                   start_percent, end_percent, threshold=False, temperature=1.0, memory="auto") -> GuidanceSettings:
     if orthogonal == "auto":
-        orthogonal = "l2" if unet_layers.family(model) == "sd1" else "none"
+        orthogonal = families.family_of(model).orthogonal_auto(model)
     return GuidanceSettings(
         strength=strength, start_percent=start_percent, end_percent=end_percent, memory=memory,
         loss=LossSettings(activation=loss, alpha=alpha, margin=margin, orthogonal=orthogonal,
@@ -63,9 +63,8 @@ def _optional() -> dict:
 
 
 def _guided_model(model, relations, settings: dict):
-    unet_layers.check_relations(model, relations)  # clear errors before anything is patched
-    gs = make_settings(model, **settings)
-    return hooks.with_guidance(model, relations, gs, lambda: unet_layers.select_layers(model, "auto"))
+    families.checked_family(model, relations)  # clear errors before anything is patched
+    return hooks.with_guidance(model, relations, make_settings(model, **settings))
 
 
 class AttentionCapture:
@@ -82,7 +81,7 @@ class AttentionCapture:
             "required": {
                 "model": ("MODEL",),
                 "relations": ("SPATIAL_RELATIONS",),
-                "layers": (list(unet_layers.PRESETS), {"default": "auto", "tooltip":
+                "layers": (list(families.LAYER_PRESETS), {"default": "auto", "tooltip":
                            "auto = coarse + mid decoder levels (SD1/SD2 output blocks 3-8, SDXL 0-5)."}),
             },
             "optional": {
@@ -92,9 +91,8 @@ class AttentionCapture:
         }
 
     def patch(self, model, relations, layers, custom_layers=""):
-        unet_layers.check_relations(model, relations)
-        chosen = unet_layers.select_layers(model, layers, custom_layers)
-        return (hooks.with_capture(model, relations, chosen),)
+        family = families.checked_family(model, relations)
+        return (hooks.with_capture(model, relations, family.layers(model, layers, custom_layers)),)
 
 
 class Guider:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..guidance.boxes import BOX_LOSSES, BoundBox, BoxError, LayoutSettings, parse_boxes, plan_boxes
 from ..guidance.relations import SpatialRelations
-from . import tokens
+from ..engine import tokens
 
 CATEGORY = "conditioning/InfSplign"
 # Shipped defaults: chosen on the demo model's tuning prompts and seeds of three layout sets

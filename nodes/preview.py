@@ -1,10 +1,8 @@
 """InfSplign Attention Preview: the objects' attention maps and the loss of a finished run.
 
-The run comes along the graph's edges: the MODEL (or the GUIDER's model) carries the
-capture wrapper, whose trace keeps the last finished runs (guidance/trace.py); the LATENT
-input says which of them (the run whose output it is) and makes the preview run after the
-sampler. The drawing (PIL and torch only): preview_maps.py (the maps image) and
-preview_plot.py (the loss plot).
+The run comes along the graph's edges (engine/recorded_runs.py finds it from the MODEL or
+GUIDER and the LATENT); the drawing (PIL and torch only) lives in preview/: maps.py (the
+maps image) and plot.py (the loss plot).
 """
 from __future__ import annotations
 
@@ -12,59 +10,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from comfy.patcher_extension import WrappersMP
-
-from ..guidance.trace import MAX_RUNS, RunTrace, choose_steps
-from .hooks import CAPTURE_KEY
-from .preview_maps import IMAGE_COLOURS, WINDOW, maps_layout, relation_text, render_maps  # noqa: F401  (tests)
-from .preview_plot import render_loss
+from ..engine.recorded_runs import recorded_run
+from ..guidance.trace import choose_steps
+from ..preview.maps import render_maps
+from ..preview.plot import render_loss
 
 
 def to_image(picture: Image.Image) -> torch.Tensor:
     """PIL RGB -> ComfyUI IMAGE (1, H, W, 3) float in [0, 1]."""
     return torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0)[None]
-
-
-def traces_of(model=None, guider=None) -> list:
-    """The capture traces on the connected MODEL and/or the GUIDER's model."""
-    if model is None and guider is None:
-        raise ValueError("InfSplign Attention Preview needs the MODEL the sampler used (the output of InfSplign "
-                         "(KSampler) or Attention Capture Patch) or the GUIDER (InfSplign Guider) that sampled: "
-                         "connect `model` or `guider`.")
-    found, named = [], []
-    for name, patcher in (("MODEL", model), ("GUIDER", getattr(guider, "model_patcher", None) if guider else None)):
-        if name == "GUIDER" and guider is not None and patcher is None:
-            raise ValueError("The connected GUIDER has no model: connect InfSplign Guider (or a CFGGuider whose "
-                             "model went through Attention Capture Patch).")
-        if patcher is None:
-            continue
-        named.append(name)
-        for wrapper in patcher.get_wrappers(WrappersMP.OUTER_SAMPLE, CAPTURE_KEY):
-            trace = getattr(wrapper, "trace", None)
-            if trace is not None and all(trace is not t for t in found):
-                found.append(trace)
-    if not found:
-        raise ValueError(f"The connected {' and '.join(named)} carries no InfSplign attention capture: connect the "
-                         "MODEL that InfSplign (KSampler) or Attention Capture Patch outputs (the one the sampler "
-                         "uses), or the InfSplign Guider.")
-    return found
-
-
-def find_run(traces: list, latent: dict) -> RunTrace:
-    samples = latent["samples"] if isinstance(latent, dict) else latent
-    if not isinstance(samples, torch.Tensor) or getattr(samples, "is_nested", False):
-        raise ValueError("InfSplign Attention Preview reads image latents (one tensor); this LATENT is not one.")
-    runs = [run for trace in traces for run in trace.runs]
-    if not runs:
-        raise ValueError("This model has not finished a sampling run yet (an interrupted run is not kept). "
-                         "Connect the LATENT that this model's sampler produced, so the preview runs after it.")
-    for trace in traces:
-        run = trace.find(samples)
-        if run is not None:
-            return run
-    raise ValueError(f"None of the last {len(runs)} sampling runs of this model produced the connected LATENT "
-                     f"(a model keeps its last {MAX_RUNS}). Connect the LATENT that this model's sampler produced "
-                     "(the sampler's own output, not a copy changed by another node).")
 
 
 class AttentionPreview:
@@ -105,7 +59,7 @@ class AttentionPreview:
 
     def preview(self, latent, steps="auto", size=128, model=None, guider=None):
         import nodes  # ComfyUI's: PreviewImage saves to the temp folder and says so to the browser
-        run = find_run(traces_of(model, guider), latent)
+        run = recorded_run(latent, model, guider)
         recorded = sorted(run.steps)
         if not recorded:
             raise ValueError("This run recorded no attention maps (its conditionings covered only part of the "

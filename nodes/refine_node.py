@@ -1,10 +1,10 @@
 """InfSplign Refine (GSN): one burst of latent refinement at a chosen step, on the pack's
-capture and gradient engine (nodes/refine_hooks.py, guidance/refine.py)."""
+capture and gradient engine (engine/refine_hooks.py, guidance/refine.py)."""
 from __future__ import annotations
 
 from ..guidance.refine import MAX_ITERATIONS, RefineSettings
 from ..guidance.step import MEMORY_MODES
-from . import refine_hooks, unet_layers
+from ..engine import families, refine_hooks
 
 CATEGORY = "sampling/InfSplign"
 # Shipped defaults: chosen on the demo model's tuning prompts and seeds (demo/evaluate_refine.py --tune;
@@ -64,7 +64,7 @@ class Refine:
 
     def apply(self, model, relations, presence, separation, spatial, refine_percent, iterations, learning_rate,
               continuous, continuous_strength=30.0, continuous_end_percent=0.5, temperature=1.0, memory="auto"):
-        unet_layers.check_relations(model, relations)
+        families.checked_family(model, relations)
         settings = RefineSettings(presence, separation, spatial, refine_percent, iterations, learning_rate,
                                   continuous, continuous_strength, continuous_end_percent, memory, temperature)
         if settings.has_terms and (presence > 0 or separation > 0) and not _objects(relations):
@@ -73,8 +73,7 @@ class Refine:
         if spatial > 0 and not relations.items and not (presence > 0 or separation > 0):
             raise ValueError("InfSplign Refine: spatial > 0 but the prompt has no relation; set presence or "
                              "separation, or write a relation into the text.")
-        return (refine_hooks.with_refine(model, relations, settings,
-                                         lambda: unet_layers.select_layers(model, "auto")),)
+        return (refine_hooks.with_refine(model, relations, settings),)
 
 
 def _objects(relations) -> bool:

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 from ..guidance.relations import (RELATIONS, BoundObject, BoundRelation, Relation, RelationError,
                                   SpatialRelations, canonical_relation, parse_relations, split_objects)
-from . import tokens
+from ..engine import tokens
 
 FROM_TEXT = "from text"
 

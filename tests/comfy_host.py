@@ -128,3 +128,10 @@ def add_checkpoint_folder(path: Path) -> None:
     boot()
     import folder_paths
     folder_paths.add_model_folder_path("checkpoints", str(path))
+
+
+def add_model_folder(kind: str, path: Path) -> None:
+    """Another folder for a kind of model file ("diffusion_models", "text_encoders", ...)."""
+    boot()
+    import folder_paths
+    folder_paths.add_model_folder_path(kind, str(path))

@@ -48,3 +48,19 @@ def checkpoints(host, tmp_path_factory):
         models.save_checkpoint(str(folder / f"infsplign_test_{topology}.safetensors"), topology)
     host.add_checkpoint_folder(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def mmdit_files(host, tmp_path_factory):
+    """Test MMDiT model files known to ComfyUI's folder_paths: a checkpoint per topology
+    (infsplign_test_<topology>.safetensors, for CheckpointLoaderSimple) and each diffusion
+    model alone (infsplign_test_<topology>_dm.safetensors, for UNETLoader)."""
+    from testkit import mmdit_models
+    checkpoints = tmp_path_factory.mktemp("mmdit_checkpoints")
+    diffusion = tmp_path_factory.mktemp("mmdit_diffusion_models")
+    for topology in mmdit_models.TOPOLOGIES:
+        mmdit_models.save_checkpoint(str(checkpoints / f"infsplign_test_{topology}.safetensors"), topology)
+        mmdit_models.save_diffusion_model(str(diffusion / f"infsplign_test_{topology}_dm.safetensors"), topology)
+    host.add_checkpoint_folder(checkpoints)
+    host.add_model_folder("diffusion_models", diffusion)
+    return {"checkpoints": checkpoints, "diffusion_models": diffusion}

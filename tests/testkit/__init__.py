@@ -1,7 +1,8 @@
 """Test kit as a ComfyUI custom node: test models and probes for the development host.
 
-Loading it also lets ComfyUI's checkpoint detection recognise the narrow test UNets, so
-the real CheckpointLoaderSimple loads test checkpoint files, in-process and in a server.
+Loading it also lets ComfyUI's checkpoint detection recognise the narrow test UNets and
+MMDiT models (SD3, Flux, Chroma), so the real CheckpointLoaderSimple and UNETLoader load
+test model files, in-process and in a server.
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import torch
 
 import comfy.model_management
 
-from . import models
+from . import mmdit_models, models
 from .pack import module as pack_module
 
 models.register_detection()
+mmdit_models.register_detection()
 
 
 WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -30,14 +32,31 @@ class TestModel:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "topology": (list(models.TOPOLOGIES), {"default": "sd1"}),
+            "topology": (list(models.TOPOLOGIES) + list(mmdit_models.TOPOLOGIES), {"default": "sd1"}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
         }, "optional": {
             "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default"}),
         }}
 
     def load(self, topology, seed, weight_dtype="default"):
-        return models.load(topology, seed, dtype=WEIGHT_DTYPES[weight_dtype])
+        factory = mmdit_models if topology in mmdit_models.TOPOLOGIES else models
+        return factory.load(topology, seed, dtype=WEIGHT_DTYPES[weight_dtype])
+
+
+class ForeignCLIP:
+    """A CLIP of a family InfSplign does not read (Qwen-Image's Qwen2.5-VL, AuraFlow's Pile-T5):
+    ComfyUI's real tokenizer, the encoder on the meta device (no weights)."""
+
+    CATEGORY = "InfSplign testkit"
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"kind": (["qwen_image", "aura_flow"], {"default": "qwen_image"})}}
+
+    def load(self, kind):
+        return (mmdit_models.foreign_clip(kind),)
 
 
 class GradientProbe:
@@ -215,6 +234,7 @@ class SkipMerge:
 
 NODE_CLASS_MAPPINGS = {
     "InfSplignTestModel": TestModel,
+    "InfSplignTestForeignCLIP": ForeignCLIP,
     "InfSplignTestGradientProbe": GradientProbe,
     "InfSplignTestAttentionPatch": AttentionPatch,
     "InfSplignTestFault": Fault,
@@ -222,6 +242,7 @@ NODE_CLASS_MAPPINGS = {
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "InfSplignTestModel": "Test model (InfSplign testkit)",
+    "InfSplignTestForeignCLIP": "CLIP of another family (InfSplign testkit)",
     "InfSplignTestGradientProbe": "Gradient probe (InfSplign testkit)",
     "InfSplignTestAttentionPatch": "Attention patch of another pack (InfSplign testkit)",
     "InfSplignTestFault": "Misbehaving attention patch (InfSplign testkit)",

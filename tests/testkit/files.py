@@ -75,21 +75,3 @@ def save_controlnet(path: str, topology: str = "sd1", seed: int = 0) -> str:
     comfy.utils.save_torch_file(controlnet_state_dict(topology, seed), path)
     return path
 
-
-def sd3_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """A narrow SD3 (MMDiT) diffusion model: a model ComfyUI loads and samples with, which
-    is not an SD1.x / SD2.x / SDXL UNet. Depth 2 (hidden width 128), 16 latent channels."""
-    import comfy.supported_models
-    config = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
-              "adm_in_channels": 2 * models.CLIP_WIDTH, "pos_embed_max_size": 16, "num_patches": 256,
-              "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [],
-              "context_embedder_config": {"target": "torch.nn.Linear",
-                                          "params": {"in_features": 4 * models.CLIP_WIDTH, "out_features": 128}}}
-    cfg = comfy.supported_models.SD3(config)
-    cfg.set_inference_dtype(torch.float32, None)
-    return models._filled(cfg.get_model({}).diffusion_model, seed)
-
-
-def save_sd3(path: str, seed: int = 0) -> str:
-    comfy.utils.save_torch_file(sd3_state_dict(seed), path)
-    return path

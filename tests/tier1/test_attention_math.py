@@ -7,7 +7,7 @@ import torch
 from infsplign.guidance.attention_stats import centroids, mean_threshold, object_stats, variances
 from infsplign.guidance.losses import (ACTIVATIONS, LossSettings, Pair, offsets, orthogonal_loss,
                                        relation_holds, spatial_loss, step_loss)
-from infsplign.guidance.step import guided_denoised, guided_eps, in_window
+from infsplign.guidance.step import guided_denoised, guided_eps, guided_flow_denoised, in_window
 
 H, W = 16, 24
 
@@ -146,6 +146,25 @@ def test_guided_denoised_is_eq6_in_eps_space():
     assert torch.allclose((x - d_new) / s, guided_eps(eps, grad, sigma, w), rtol=1e-12, atol=1e-9)
     assert torch.allclose(guided_eps(eps, grad, sigma, w) - eps, w * torch.sqrt(1 + s**2) * grad)
     assert torch.equal(guided_denoised(d, grad, sigma, 0.0), d)
+
+
+def test_guided_flow_denoised_adds_w_grad_to_the_velocity():
+    """Flow matching (CONST): x = sigma n + (1 - sigma) x0, D = x - sigma v (ComfyUI's
+    CONST.calculate_denoised); the step is v' = v + w grad_x L, finite at sigma = 1."""
+    g = torch.Generator().manual_seed(3)
+    x, v, grad = (torch.randn(3, 16, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    sigma = torch.tensor([1.0, 0.55, 0.02], dtype=torch.float64)
+    w = 7.5
+    s = sigma.view(-1, 1, 1, 1)
+    d = x - s * v
+    d_new = guided_flow_denoised(d, grad, sigma, w)
+    v_new = (x - d_new) / s  # the velocity the sampler reads back
+    assert torch.allclose(v_new, v + w * grad, rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(d_new).all()
+    assert torch.allclose(d_new[0], d[0] - w * grad[0], rtol=1e-12, atol=1e-12)  # sigma = 1: no 1/(1 - sigma)
+    assert torch.equal(guided_flow_denoised(d, grad, sigma, 0.0), d)
+    # not the eps-form step: that one scales the gradient by sqrt(1 + sigma^2) as well
+    assert not torch.allclose(d_new, guided_denoised(d, grad, sigma, w))
 
 
 def test_window_rule_and_its_tolerance():

@@ -1,8 +1,8 @@
 """Tier 1: reading relations out of prompt text (no ComfyUI)."""
 import pytest
 
-from infsplign.guidance.relations import (PHRASINGS, Relation, RelationError, canonical_relation,
-                                          parse_relations, strip_weight_syntax)
+from infsplign.guidance.relations import (PHRASINGS, Relation, RelationError, canonical_relation, count_mentions,
+                                          mention_spans, parse_relations, strip_weight_syntax)
 
 
 @pytest.mark.parametrize("relation, phrase", [(r, p) for r, ps in PHRASINGS.items() for p in ps])
@@ -52,3 +52,11 @@ def test_canonical_relation_names():
     assert canonical_relation("on top of") == "above"
     with pytest.raises(RelationError, match="Unknown relation"):
         canonical_relation("diagonal")
+
+
+def test_mention_spans_are_the_counted_mentions():
+    text = "A Cat, a cat's toy, cats and a  cat-like cat"
+    spans = mention_spans(text, "cat")
+    assert [text[a:b] for a, b in spans] == ["Cat", "cat", "cat"]  # not "cats", not "cat-like"
+    assert len(spans) == count_mentions(text, "cat")
+    assert mention_spans("a red   car and a red car", "red car") == [(2, 11), (18, 25)]

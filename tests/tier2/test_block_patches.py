@@ -30,7 +30,7 @@ def merge_in_place(h, hsp, options):
 
 
 def test_stop_graph_after_passes_a_missing_skip_on(host):
-    from infsplign.nodes.unet_patches import stop_graph_after
+    from infsplign.engine.families.unet_patches import stop_graph_after
     patch = stop_graph_after(store())
     h = torch.randn(1, 4, 2, 2, requires_grad=True)
     with torch.enable_grad():
@@ -44,7 +44,7 @@ def test_a_guarded_foreign_patch_may_return_no_skip(host):
     """The autograd guard runs another pack's output_block_patch on a guided step: its
     merged output keeps a gradient to both inputs, with hsp None out, and a later call
     with hsp None in is passed on."""
-    from infsplign.nodes.unet_patches import autograd_guard
+    from infsplign.engine.families.unet_patches import autograd_guard
     guarded = autograd_guard(store(), merge)
     h = torch.randn(1, 2, 2, 2, requires_grad=True)
     hsp = torch.randn(1, 2, 2, 2, requires_grad=True)
@@ -61,7 +61,7 @@ def test_a_guarded_patch_that_writes_in_place_and_merges(host):
     """One that also writes into its input (as FreeU does) runs on copies: its exact values,
     hsp None, and the caller's tensors untouched (a merged output of another shape has no
     straight-through gradient; the skip's values still come out exactly)."""
-    from infsplign.nodes.unet_patches import autograd_guard
+    from infsplign.engine.families.unet_patches import autograd_guard
     guarded = autograd_guard(store(), merge_in_place)
     h = torch.randn(1, 2, 2, 2)
     hsp = torch.randn(1, 2, 2, 2)

@@ -1,4 +1,4 @@
-"""Tier 2: nodes/memory_modes.py against the real comfy package: the per-step mode choice,
+"""Tier 2: engine/memory_modes.py against the real comfy package: the per-step mode choice,
 the out-of-memory test, and the attention the guided forward uses on CUDA."""
 import pytest
 import torch
@@ -7,14 +7,14 @@ pytestmark = pytest.mark.host
 
 
 def plan(requested, fast=3 * 2**30, low=2**28):
-    from infsplign.nodes.memory_modes import MemoryPlan
+    from infsplign.engine.memory_modes import MemoryPlan
     counts = {"fast": fast, "low": low}
     return MemoryPlan(requested, torch.device("cpu"), counts.__getitem__)
 
 
 def test_auto_picks_fast_when_it_fits_the_free_memory_and_low_when_not(host, monkeypatch):
     import comfy.model_management as mm
-    from infsplign.nodes.memory_modes import HEADROOM, MARGIN
+    from infsplign.engine.memory_modes import HEADROOM, MARGIN
     p = plan("auto")
     need = int(3 * 2**30 * HEADROOM) + MARGIN
     monkeypatch.setattr(mm, "get_free_memory", lambda *a, **k: need)
@@ -30,7 +30,7 @@ def test_auto_picks_fast_when_it_fits_the_free_memory_and_low_when_not(host, mon
 
 
 def test_out_of_memory_errors_are_told_from_others(host):
-    from infsplign.nodes.memory_modes import is_oom
+    from infsplign.engine.memory_modes import is_oom
     assert is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
     assert not is_oom(RuntimeError("Inference tensors cannot be saved for backward"))
@@ -42,7 +42,7 @@ def test_the_guided_forward_uses_pytorch_attention_on_cuda(host):
     flash / memory-efficient kernels with a backward pass) where `wants` says so (CUDA), and
     otherwise to another pack's override or the function ComfyUI was going to call."""
     import comfy.ldm.modules.attention as attention
-    from infsplign.nodes.memory_modes import efficient_attention_on_cuda
+    from infsplign.engine.memory_modes import efficient_attention_on_cuda
     calls = []
 
     def other(func, *args, **kwargs):

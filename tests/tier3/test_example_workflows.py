@@ -10,12 +10,13 @@ overlapping nodes. Then host/ui_workflow.py converts it to the API format with t
 
 Model files: the workflows name real models (README of example_workflows/); the test
 writes narrow test models under exactly those names into temporary folders registered
-with folder_paths (checkpoints of the SD1.x / SDXL test topologies from testkit.models,
+with folder_paths (checkpoints of the SD1.x / SDXL test topologies from testkit.models and
+of the Flux.1-dev / SD3.5 ones from testkit.mmdit_models,
 a LoRA and a ControlNet from testkit.files) and a generated control image as
 example.png into a temporary input folder. Workflow d uses the pack's shipped demo
 weights, and the test checks they are the file loaded.
 
-Shrunk for run time on a CPU, and nothing else changed: every EmptyLatentImage to
+Shrunk for run time on a CPU, and nothing else changed: every EmptyLatentImage (and SD3 one) to
 64 x 64 px (kept at 128 x 128 where the demo model draws, which it was trained at), and
 the steps of KSampler / BasicScheduler to 4. The guidance window (first 25 %, 50 % in d)
 still covers the first step.
@@ -44,7 +45,9 @@ DEMO_WEIGHTS = ROOT / "demo_world" / "infsplign_demo_shapes.safetensors"
 # The model files the workflows expect users to have, and the test model written under
 # each name (topology of testkit.models); "input" holds ComfyUI's input images.
 PROVIDED = {
-    "checkpoints": {"v1-5-pruned-emaonly.safetensors": "sd1", "sd_xl_base_1.0.safetensors": "sdxl"},
+    "checkpoints": {"v1-5-pruned-emaonly.safetensors": "sd1", "sd_xl_base_1.0.safetensors": "sdxl",
+                    "flux1-dev-fp8.safetensors": "flux_dev",
+                    "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors": "sd3"},
     "loras": {"your_sd15_lora.safetensors": "sd1"},
     "controlnet": {"control_v11p_sd15_canny_fp16.safetensors": "sd1"},
     "input": {"example.png": None},
@@ -87,13 +90,14 @@ def server(tmp_path_factory):
 def provided(host, server, tmp_path_factory):
     """The model files and the input image of PROVIDED, in folders ComfyUI knows."""
     import folder_paths
-    from testkit import files, models
+    from testkit import files, mmdit_models, models
     base = tmp_path_factory.mktemp("example_models")
     for kind in ("checkpoints", "loras", "controlnet"):
         (base / kind).mkdir()
         folder_paths.add_model_folder_path(kind, str(base / kind))
     for name, topology in PROVIDED["checkpoints"].items():
-        models.save_checkpoint(str(base / "checkpoints" / name), topology)
+        kind = mmdit_models if topology in mmdit_models.TOPOLOGIES else models
+        kind.save_checkpoint(str(base / "checkpoints" / name), topology)
     for name, topology in PROVIDED["loras"].items():
         files.save_lora(str(base / "loras" / name), topology)
     for name, topology in PROVIDED["controlnet"].items():
@@ -264,7 +268,7 @@ def shrink(api: dict) -> dict:
     demo = any(n["class_type"] == "InfSplignDemoModelLoader" for n in api.values())
     for node in api.values():
         inputs = node["inputs"]
-        if node["class_type"] == "EmptyLatentImage":
+        if node["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"):
             inputs["width"] = inputs["height"] = DEMO_SIZE if demo else SIZE
         if node["class_type"] in ("KSampler", "BasicScheduler"):
             inputs["steps"] = STEPS
@@ -279,7 +283,7 @@ def image_size(api: dict, ref) -> tuple[int, int]:
         return image_size(api, inputs["samples"])
     if kind in ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced"):
         return image_size(api, inputs["latent_image"])
-    if kind == "EmptyLatentImage":
+    if kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
         return inputs["height"] // 8 * 8, inputs["width"] // 8 * 8
     if kind == "ImageStitch":
         (h1, w1), (h2, w2) = image_size(api, inputs["image1"]), image_size(api, inputs["image2"])
@@ -353,7 +357,7 @@ def test_example_workflow(path, server, host, provided, object_info, loaded_file
 
 
 def test_generated_workflows_are_committed_and_laid_out_left_to_right():
-    """a, b, c, e and f are written by host/make_example_workflows.py, and d's saved view: the
+    """a, b, c, e, f, g and h are written by host/make_example_workflows.py, and d's saved view: the
     files are its output, and every link runs from a node's column to a column further right."""
     gen = _module("make_example_workflows", ROOT / "host" / "make_example_workflows.py")
     texts = gen.outputs()

@@ -180,7 +180,7 @@ def test_attention_preview_draws_each_box_on_its_objects_maps(host, checkpoints)
     import numpy as np
 
     from test_robustness import loaded_pack
-    preview = loaded_pack("nodes.preview")
+    preview, choose_steps = loaded_pack("preview.maps"), loaded_pack("guidance.trace").choose_steps
     size = 64
     g = boxed("ksampler", strength=30.0, injection=0.0)
     g["preview"] = {"class_type": "InfSplignAttentionPreview", "inputs": {
@@ -193,7 +193,7 @@ def test_attention_preview_draws_each_box_on_its_objects_maps(host, checkpoints)
     (run,) = wrapper.trace.runs
     assert [slot for slot, _ in run.boxes] == [0, 1] and "in a box" in preview.relation_text(run)
     maps = session.output("preview", 0)[0].numpy()
-    lay = preview.maps_layout(run, preview.choose_steps("auto", sorted(run.steps)), size)
+    lay = preview.maps_layout(run, choose_steps("auto", sorted(run.steps)), size)
     boxes = json.loads(BOXES)
     for k, box in enumerate(b["box"] for b in boxes):
         x0, y0, x1, y1 = lay.cell(0, k, 0)

@@ -89,8 +89,9 @@ def test_reservation_grows_by_the_counted_extra(host, checkpoints, reservations,
     guided = session.execute(workflow(SD1, path, steps=1, width=128, height=96, memory=memory))
     assert guided.success, guided.error()
     after = reservations[len(before):]
-    memory_modes, estimate = loaded_pack("nodes.memory_modes"), loaded_pack("nodes.memory_estimate")
-    layers = loaded_pack("nodes.unet_layers").select_layers(session.output("ckpt"), "auto")
+    memory_modes, estimate = loaded_pack("engine.memory_modes"), loaded_pack("engine.memory_estimate")
+    model = session.output("ckpt")
+    layers = loaded_pack("engine.families").family_of(model).layers(model, "auto")
     counted = estimate.estimate(session.output("ckpt"), 1, (12, 16), memory, "math", layers,
                                 estimate.PROBE_RELATIONS, 77).extra
     assert counted > 0 or memory == "low"  # (low can peak below the plain step's batched forward)

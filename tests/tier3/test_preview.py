@@ -78,7 +78,7 @@ def guided(host, checkpoints):
 def test_guided_run_preview_shows_every_step_and_the_loss(host, guided):
     import folder_paths
     session, run, reports, (maps, plot) = guided
-    preview = loaded_pack("nodes.preview")
+    preview, choose_steps = loaded_pack("preview.maps"), loaded_pack("guidance.trace").choose_steps
     (trace_run,) = trace_of(output(session, "apply")).runs
     assert sorted(trace_run.steps) == list(range(STEPS)) and trace_run.guided and trace_run.batch == 2
     records = trace_run.ordered()
@@ -91,7 +91,7 @@ def test_guided_run_preview_shows_every_step_and_the_loss(host, guided):
         assert float(rec.spatial.sum()) == pytest.approx(rep.spatial, rel=1e-5)
     assert all(torch.isfinite(r.loss).all() and torch.isfinite(r.maps).all() for r in records)
 
-    steps = preview.choose_steps("auto", list(range(STEPS)))
+    steps = choose_steps("auto", list(range(STEPS)))
     lay = preview.maps_layout(trace_run, steps, SIZE)
     assert lay.columns == STEPS and lay.images == 2 and lay.objects == 2
     assert maps.shape == (1, lay.height, lay.width, 3) and plot.shape[0] == 1 and plot.shape[-1] == 3
@@ -116,7 +116,7 @@ def test_guided_run_preview_shows_every_step_and_the_loss(host, guided):
 
 def test_steps_and_size_choose_the_columns_and_the_cell_size(host, guided):
     session = guided[0]
-    preview = loaded_pack("nodes.preview")
+    preview = loaded_pack("preview.maps")
     g = with_preview(graph(), model=["apply", 0])
     g["preview"]["inputs"].update(steps="0, 3, 5", size=96)
     run, reports = execute(session, g)
@@ -213,7 +213,7 @@ def test_the_loss_plot_shows_every_term_that_guided_the_run(host, checkpoints, r
     both terms, their sum the guided step's loss, and panels for the sum, each term and the
     spatial term."""
     from test_layout_boxes import boxed
-    preview = loaded_pack("nodes.preview_plot")
+    preview = loaded_pack("preview.plot")
     text = "a cat to the left of a dog" if relations else "a cat and a dog"
     g = boxed("ksampler", text=text, relations=relations, strength=30.0, end_percent=0.5, injection=0.0,
               steps=STEPS, batch=2, width=128, height=128)
@@ -301,7 +301,7 @@ def test_an_interrupted_run_is_not_kept_and_the_next_one_previews(host, checkpoi
 def test_drawing_copes_with_any_recorded_values(host):
     """Maps that are NaN, all zero or flat, several relations with "near", a non-square
     latent and a margin beyond the image: both pictures are drawn, of the planned size."""
-    trace_mod, preview = loaded_pack("guidance.trace"), loaded_pack("nodes.preview")
+    trace_mod, drawing, plotting = loaded_pack("guidance.trace"), loaded_pack("preview.maps"), loaded_pack("preview.plot")
     rel, losses = loaded_pack("guidance.relations"), loaded_pack("guidance.losses")
     relations = rel.SpatialRelations((
         rel.BoundRelation(rel.Relation("cat", "left", "dog"), (2,), (5,)),
@@ -314,8 +314,8 @@ def test_drawing_copes_with_any_recorded_values(host):
         finer = m.repeat_interleave(2, -1).repeat_interleave(2, -2)
         assert run.record(sigma, schedule, [("coarse", m), ("mid", finer)], sigma > 3, sigma > 6) is not None
     steps = [0, 1, 2, 3]
-    maps_img, plot_img = preview.render_maps(run, steps, 72), preview.render_loss(run, 72)
-    lay = preview.maps_layout(run, steps, 72)
+    maps_img, plot_img = drawing.render_maps(run, steps, 72), plotting.render_loss(run, 72)
+    lay = drawing.maps_layout(run, steps, 72)
     assert maps_img.size == (lay.width, lay.height) and lay.objects == 3 and lay.images == 3
     assert lay.cell_h == 48  # 6 x 9 maps in 72 px wide cells
     assert plot_img.size[0] >= 520 and plot_img.size[1] > 400

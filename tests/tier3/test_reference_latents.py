@@ -175,7 +175,7 @@ def one_forward(one_forward_runner):
     """A runner whose guided `fast` steps run the cond and uncond rows in one forward with
     autograd (the design a GPU uses when memory allows; on a CPU it is forced here)."""
     from test_robustness import loaded_pack
-    memory_modes = loaded_pack("nodes.memory_modes")
+    memory_modes = loaded_pack("engine.memory_modes")
     memory_modes.FORCE_DESIGN = "batched"
     try:
         yield one_forward_runner

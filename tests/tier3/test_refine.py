@@ -180,7 +180,7 @@ def test_preview_shows_the_refinement_step(host, checkpoints):
     """Attention Preview on the refined MODEL: the loss plot grows a panel with the loss per
     iteration (a line in the first image colour) and marks the refined step (dashed)."""
     from testkit.pack import module
-    plot_module = module("nodes.preview_plot")
+    plot_module = module("preview.plot")
     g = refined("ksampler", iterations=6)
     g["preview"] = {"class_type": "InfSplignAttentionPreview", "inputs": {
         "latent": ["sample", 0], "steps": "auto", "size": 64, "model": ["refine", 0]}}

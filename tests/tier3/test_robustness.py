@@ -19,7 +19,7 @@ pytestmark = pytest.mark.host
 SD1 = "infsplign_test_sd1.safetensors"
 SD2 = "infsplign_test_sd2v.safetensors"
 SDXL = "infsplign_test_sdxl.safetensors"
-SD3 = "infsplign_test_sd3.safetensors"
+SD3 = "infsplign_test_sd3_dm.safetensors"  # the narrow SD3 of the mmdit_files fixture
 PATHS = ["ksampler", "custom"]
 STEPS = 3
 
@@ -44,7 +44,7 @@ def leftovers() -> dict:
     an autograd graph, and model patchers carrying a capture patch or a run's store."""
     import comfy.model_patcher
     CaptureStore = loaded_pack("guidance.capture").CaptureStore
-    hooks = loaded_pack("nodes.hooks")
+    hooks = loaded_pack("engine.hooks")
     gc.collect()
     found = {"stores": 0, "graph_tensors": 0, "patched_models": 0}
     for obj in gc.get_objects():
@@ -71,17 +71,6 @@ def assert_nothing_left(before: dict) -> None:
     now = leftovers()
     assert now["stores"] == 0 and now["patched_models"] == 0, now
     assert now["graph_tensors"] <= before["graph_tensors"], (before, now)
-
-
-@pytest.fixture(scope="module")
-def sd3_file(host, tmp_path_factory):
-    """A narrow SD3 (MMDiT) diffusion model for UNETLoader: not an SD1.x/SD2.x/SDXL UNet."""
-    import folder_paths
-    from testkit import files
-    folder = tmp_path_factory.mktemp("diffusion_models")
-    files.save_sd3(str(folder / SD3))
-    folder_paths.add_model_folder_path("diffusion_models", str(folder))
-    return folder
 
 
 # -- a gradient that is not finite -----------------------------------------------------
@@ -208,13 +197,14 @@ def guided_with(ckpt_model: list, relations: list, path: str, **settings) -> dic
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_a_model_that_is_not_an_sd_unet_is_refused(host, checkpoints, sd3_file, path):
+def test_an_sd3_model_given_relations_of_an_sd1_clip_is_refused(host, checkpoints, mmdit_files, path):
+    """An SD3 model from UNETLoader with relations parsed on SD1's CLIP: the two encoders are named."""
     g = guided_with(["unet", 0], ["parse", 0], path)
     g["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": SD3, "weight_dtype": "default"}}
     run = host.execute(g)
     assert not run.success
-    assert "InfSplign supports SD1.x, SD2.x and SDXL UNets; this model is SD3." in run.error()
-    assert "Load an SD1.x, SD2.x or SDXL checkpoint" in run.error()
+    assert "parsed with a clip_l CLIP, but this model is SD3 / SD3.5" in run.error(), run.error()
+    assert "Connect the CLIP that encodes the positive prompt" in run.error()
 
 
 @pytest.mark.parametrize("path, other, family, encoder", [

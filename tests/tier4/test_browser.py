@@ -280,13 +280,13 @@ def test_workflows_d_and_e_open_with_the_whole_graph_in_view(seen):
     _view_ok(seen["workflow"]["view"], "workflow d (loaded as a dropped file is)")
 
 
-# the first four of nodes/preview_maps.IMAGE_COLOURS: the lines of images 1-4 in the loss plot
+# the first four of preview/maps.IMAGE_COLOURS: the lines of images 1-4 in the loss plot
 IMAGE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40))
 
 
 def _plot_panels(rgb):
     """(top, bottom) of each panel of a loss plot: the frames' grey edges met going down a
-    column just inside them (nodes/preview_plot.py draws them from x = 70)."""
+    column just inside them (preview/plot.py draws them from x = 70)."""
     import numpy as np
     grey = np.all(rgb[:, 75] == (90, 90, 90), axis=-1)
     edges = [y for y in range(1, len(grey)) if grey[y] and not grey[y - 1]]

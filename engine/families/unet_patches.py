@@ -14,7 +14,7 @@ import torch
 
 import comfy.ldm.modules.attention as attention
 
-from ..guidance.capture import CaptureStore, Layer
+from ...guidance.capture import CaptureStore, Layer
 
 
 def capture_patch(store: CaptureStore, layer: Layer, previous=None):

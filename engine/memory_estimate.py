@@ -1,23 +1,25 @@
-"""What one guided step costs in memory, counted exactly on a weightless twin of the UNet.
+"""What one guided step costs in memory, counted exactly on a weightless twin of the model.
 
-The twin (nodes/unet_layers.py: the model's own UNet class and config on the meta device)
-runs the guided step as the pack runs it: the cond rows' forward with autograd and the
-capture on the chosen layers (hooks.capture_patch, the same code as at sampling time), the
-graph stopped after the last captured block, the loss, the uncond rows' forward without
-autograd, then the backward pass to the latent; in `low` with recompute_units checkpointed.
+The twin (the model family's twin: on a UNet, the model's own UNet class and config on the
+meta device) runs the guided step as the pack runs it: the cond rows' forward with autograd
+and the family's capture on the chosen layers (install_capture, the same code as at
+sampling time, which stops the graph after the last captured block), the loss, the uncond
+rows' forward without autograd, then the backward pass to the latent; in `low` with the
+family's recompute_units checkpointed.
 guidance.memory_count counts every storage those operations create and what autograd keeps.
 A plain step, for comparison, is one forward of the cond and uncond rows together without
 autograd: twice the peak of the guided step's uncond forward (every tensor is per image). Meta tensors allocate nothing, so an SDXL 1024 px step is counted in seconds.
 
 Attention is counted as a given kernel keeps it (guidance.memory_count): "efficient" as
 CUDA's memory-efficient / flash kernels (the guided step uses those on CUDA,
-nodes/memory_modes.py), "math" as ComfyUI's CPU attention (sub-quadratic, query chunks of
+engine/memory_modes.py), "math" as ComfyUI's CPU attention (sub-quadratic, query chunks of
 1024; under autograd every chunk's weights are kept). Weights are never counted: they are
 the model's, not the step's. Not counted: other packs' patches, ControlNet, LoRA applied
 per call (memory_modes adds a margin for what is not counted).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -28,8 +30,7 @@ from ..guidance.losses import LossSettings, step_loss
 from ..guidance.memory_count import MemoryCounter, efficient_attention, math_attention
 from ..guidance.recompute import recomputing
 from ..guidance.relations import BoundRelation, Relation, SpatialRelations
-from . import unet_layers
-from .unet_patches import capture_patch, stop_graph_after
+from .families import Twin, TwinSpec, family_of
 
 ATTENTION = ("efficient", "math")
 MATH_CHUNK = 1024  # query rows per chunk of ComfyUI's sub-quadratic CPU attention
@@ -56,24 +57,32 @@ def attention_override(kind: str):
     """An optimized_attention_override computing attention as `kind` keeps it."""
     def override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
                  skip_output_reshape=False, **kwargs):
-        if mask is not None or skip_reshape or skip_output_reshape:
+        if mask is not None:
             return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
                         skip_output_reshape=skip_output_reshape, **kwargs)
+        if skip_reshape:  # (B, H, L, D), as Flux's blocks call it: the same memory as (B, L, H * D)
+            q, k, v = (t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1) for t in (q, k, v))
+        else:  # (SD3 hands v as (B, L, H, D))
+            q, k, v = (t.reshape(t.shape[0], t.shape[1], -1) if t.dim() == 4 else t for t in (q, k, v))
         if kind == "efficient":
-            return efficient_attention(q, k, v, heads)
-        upcast = attn_precision == torch.float32
-        return torch.cat([math_attention(q[:, i:i + MATH_CHUNK], k, v, heads, upcast)
-                          for i in range(0, q.shape[1], MATH_CHUNK)], dim=1)
+            out = efficient_attention(q, k, v, heads)
+        else:
+            upcast = attn_precision == torch.float32
+            out = torch.cat([math_attention(q[:, i:i + MATH_CHUNK], k, v, heads, upcast)
+                             for i in range(0, q.shape[1], MATH_CHUNK)], dim=1)
+        if skip_output_reshape:
+            return out.view(out.shape[0], out.shape[1], heads, -1).transpose(1, 2)
+        return out
     return override
 
 
-def _options(store: CaptureStore, kind: str, cond_or_uncond: list[int]) -> dict:
-    replace = {("output", layer.block, layer.transformer): capture_patch(store, layer) for layer in store.layers}
-    return {"patches_replace": {"attn2": replace}, "patches": {"output_block_patch": [stop_graph_after(store)]},
-            "optimized_attention_override": attention_override(kind), "cond_or_uncond": cond_or_uncond}
+def _options(twin: Twin, store: CaptureStore, kind: str, cond_or_uncond: list[int]) -> dict:
+    options = {"optimized_attention_override": attention_override(kind), "cond_or_uncond": cond_or_uncond}
+    twin.family.install_capture(options, store, twin.module)
+    return options
 
 
-def count_step(twin: unet_layers.Twin, batch: int, latent_hw: tuple[int, int], mode: str, attention: str,
+def count_step(twin: Twin, batch: int, latent_hw: tuple[int, int], mode: str, attention: str,
                layers: tuple[Layer, ...], relations: SpatialRelations = PROBE_RELATIONS,
                tokens: int = 77, batched: bool = False) -> StepMemory:
     """Count one guided step of `twin` (batch images, latent h x w) and the plain step it
@@ -83,25 +92,29 @@ def count_step(twin: unet_layers.Twin, batch: int, latent_hw: tuple[int, int], m
     run in a forward of their own, after the cond rows' forward)."""
     if mode not in ("fast", "low") or attention not in ATTENTION:
         raise ValueError(f"mode {mode!r} / attention {attention!r}: fast|low, {'|'.join(ATTENTION)}")
-    unet = twin.unet
+    network, family = twin.module, twin.family
+    # the counted context holds the objects' rows (a short prompt of a model whose text is not
+    # padded, such as Chroma's, may have fewer rows than the probe's positions: a few rows more)
+    tokens = max(tokens, 1 + max(t for item in relations.items for t in (*item.tokens_a, *item.tokens_b)))
+    if relations.sequence_length != tokens:  # (an MMDiT capture reads the text rows from it)
+        relations = dataclasses.replace(relations, sequence_length=tokens)
     store = CaptureStore(relations, layers)
-    store.immediate = mode == "low"
-    last = max(layer.block for layer in layers)
-    units = unet_layers.recompute_units(unet, last) if mode == "low" else []
+    store.immediate, store.latent_hw = mode == "low", tuple(latent_hw)
+    units = family.recompute_units(network, layers) if mode == "low" else []
 
     def replaying(on: bool) -> None:
         store.replaying = on
 
     def uncond_forward(rows: int) -> None:
         with torch.no_grad():
-            unet(**twin.inputs(rows, latent_hw, tokens), transformer_options=_options(store, attention, [1]))
+            network(**twin.inputs(rows, latent_hw, tokens), transformer_options=_options(twin, store, attention, [1]))
     with torch.inference_mode(False), torch.enable_grad(), MemoryCounter() as counter:
         rows = 2 * batch if batched else batch
         inputs = twin.inputs(rows, latent_hw, tokens)
         x = inputs.pop("x").requires_grad_(True)
-        with recomputing(units, snapshot=unet_layers.snapshot_options, replaying=replaying):
+        with family.autograd_context(network), recomputing(units, snapshot=family.snapshot_call, replaying=replaying):
             store.capturing = True
-            out = unet(x, **inputs, transformer_options=_options(store, attention, [0, 1] if batched else [0]))
+            out = network(x, **inputs, transformer_options=_options(twin, store, attention, [0, 1] if batched else [0]))
             store.capturing = False
             loss = step_loss(store.take(), store.pairs, LossSettings())
             kept = counter.saved()
@@ -115,15 +128,13 @@ def count_step(twin: unet_layers.Twin, batch: int, latent_hw: tuple[int, int], m
     return StepMemory(2 * plain, kept, counter.peak)
 
 
-_CONFIGS: dict[tuple, dict] = {}
-
-
 @functools.lru_cache(maxsize=32)
-def _cached(config_key: tuple, dtype: torch.dtype, batch: int, latent_hw: tuple[int, int], mode: str,
-            attention: str, layers: tuple[Layer, ...], relations: SpatialRelations, tokens: int,
-            batched: bool) -> StepMemory:
-    twin = unet_layers.meta_twin(_CONFIGS[config_key], dtype)
-    return count_step(twin, batch, latent_hw, mode, attention, layers, relations, tokens, batched)
+def _cached(spec: TwinSpec, batch: int, latent_hw: tuple[int, int], mode: str, attention: str,
+            layers: tuple[Layer, ...], relations: SpatialRelations, tokens: int, batched: bool) -> StepMemory:
+    own = spec.family.count_step(spec, batch, latent_hw, mode, layers, tokens, batched)
+    if own is not None:
+        return own
+    return count_step(spec.family.twin(spec), batch, latent_hw, mode, attention, layers, relations, tokens, batched)
 
 
 def estimate(model, batch: int, latent_hw: tuple[int, int], mode: str, attention: str,
@@ -131,18 +142,6 @@ def estimate(model, batch: int, latent_hw: tuple[int, int], mode: str, attention
              batched: bool = False) -> StepMemory:
     """count_step for a loaded model (a ModelPatcher), counted for one image and scaled to
     the batch (every tensor of the step is per image), cached per model config and size."""
-    base = model.model
-    config = base.model_config.unet_config
-    key = tuple(sorted((k, _hashable(v)) for k, v in config.items()))
-    _CONFIGS.setdefault(key, dict(config))
-    dtype = base.manual_cast_dtype or base.get_dtype()
-    one = _cached(key, dtype, 1, tuple(latent_hw), mode, attention, tuple(layers), relations, tokens, batched)
+    spec = family_of(model).twin_spec(model)
+    one = _cached(spec, 1, tuple(latent_hw), mode, attention, tuple(layers), relations, tokens, batched)
     return StepMemory(batch * one.plain_peak, batch * one.kept, batch * one.guided_peak)
-
-
-def _hashable(value):
-    if isinstance(value, list):
-        return tuple(_hashable(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
-    return value

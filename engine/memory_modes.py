@@ -5,9 +5,9 @@
   recomputed one by one even here, so no fetched weight is kept: the step never holds a
   second copy of the weights (lowvram, dynamic VRAM).
 - `low`: every computation with weights on the gradient's path is recomputed during the
-  backward pass (nodes/unet_layers.recompute_units, guidance/recompute.py): the forward
+  backward pass (the model family's recompute_units, guidance/recompute.py): the forward
   keeps only the modules' inputs. Same latents as `fast`, one more forward's worth of time.
-- `auto` (default): `low` when the step's counted extra (nodes/memory_estimate.py) does not
+- `auto` (default): `low` when the step's counted extra (engine/memory_estimate.py) does not
   fit the device's free memory with headroom, else `fast`; decided on every guided step.
 
 Before sampling, a PREPARE_SAMPLING wrapper adds the extra of the mode the run expects to
@@ -31,7 +31,8 @@ import comfy.model_management as mm
 from ..guidance.autograd import make_autograd_safe, weights_frozen
 from ..guidance.capture import CaptureStore
 from ..guidance.recompute import recomputing
-from . import memory_estimate, unet_layers
+from . import memory_estimate
+from .families import ModelFamily, of_run
 
 log = logging.getLogger("infsplign")
 
@@ -42,6 +43,15 @@ FORCE_DESIGN: str | None = None
 MARGIN = 256 * 2**20  # what the count leaves out: ControlNet, other packs' patches, fragmentation
 OVERRIDE = "optimized_attention_override"
 INFERENCE_REFUSED = "Inference tensors cannot be saved for backward"
+
+
+def streams_weights(module: torch.nn.Module) -> bool:
+    """Does this module fetch (cast, move, patch) its weights on each call? ComfyUI's ops do
+    when weights are offloaded (lowvram, dynamic VRAM) or stored in another dtype, or carry
+    a LoRA patch applied per call. Those weights are not the module's own parameters, so
+    cloning its parameters for autograd would copy the whole offloaded model for nothing."""
+    return bool(getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
+                or getattr(module, "bias_function", None))
 
 
 def attention_kind(device: torch.device) -> str:
@@ -149,30 +159,30 @@ def guided_forward(inner_model, store: CaptureStore, mode: str, transformer_opti
                    copy_everywhere: bool = False):
     """The guided step's forward (and its backward, which runs inside guided_step) in `mode`;
     `batched`: the cond and uncond rows in one forward (MemoryPlan.batched);
-    `copy_everywhere`: MemoryPlan.copy_everywhere."""
-    unet = inner_model.diffusion_model
-    last = max(layer.block for layer in store.layers)
-    walked = _walked(store, inner_model, last)
+    `copy_everywhere`: MemoryPlan.copy_everywhere. The modules, and what keeps backward
+    correct, are the run's model family's (transformer_options' family)."""
+    family = of_run(transformer_options)
+    walked = _walked(store, family, inner_model)
     if mode == "low":
         units = walked["units"]
     else:
-        units = [m for m in walked["graph"] if unet_layers.streams_weights(m)]
+        units = [m for m in walked["graph"] if streams_weights(m)]
     # Resident weights become normal tensors once (the same values, no copy kept: the module
     # holds the new ones); weights fetched per call are left alone (cloning them would copy
     # an offloaded model), and recomputed modules copy what they still get per operation.
-    make_autograd_safe(inner_model, skip=unet_layers.streams_weights, modules=walked["all"])
+    make_autograd_safe(inner_model, skip=streams_weights, modules=walked["all"])
 
     def replaying(on: bool) -> None:
         store.replaying = on
     previous = transformer_options.get(OVERRIDE)
-    transformer_options[OVERRIDE] = efficient_attention_on_cuda(previous)
+    transformer_options[OVERRIDE] = family.step_attention(previous, efficient_attention_on_cuda)
     # in `low` each captured layer's maps are computed inside its recomputed module
     store.immediate, store.batched = mode == "low", batched
     try:
-        with weights_frozen(inner_model, walked["all"]), recomputing(units, snapshot=unet_layers.snapshot_options,
-                                                      replaying=replaying,
-                                                      per_operation=(lambda m: True) if copy_everywhere
-                                                      else lambda m: holds_inference_weights(walked["inside"].get(m) or [m])):
+        per_operation = ((lambda m: True) if copy_everywhere
+                         else lambda m: holds_inference_weights(walked["inside"].get(m) or [m]))
+        with family.autograd_context(inner_model.diffusion_model), weights_frozen(inner_model, walked["all"]), \
+                recomputing(units, snapshot=family.snapshot_call, replaying=replaying, per_operation=per_operation):
             yield
     finally:
         store.immediate = store.batched = False
@@ -182,14 +192,14 @@ def guided_forward(inner_model, store: CaptureStore, mode: str, transformer_opti
             transformer_options[OVERRIDE] = previous
 
 
-def _walked(store: CaptureStore, inner_model, last: int) -> dict:
+def _walked(store: CaptureStore, family: ModelFamily, inner_model) -> dict:
     """The model's module lists a guided step needs, walked once per run (the tree does not
     change during a run; what its weights are is checked on every step)."""
-    key = ("modules", id(inner_model), last)
+    key = ("modules", id(inner_model))
     if key not in store.cache:
-        unet = inner_model.diffusion_model
-        units = unet_layers.recompute_units(unet, last)
-        store.cache[key] = {"all": list(inner_model.modules()), "graph": unet_layers.graph_modules(unet, last),
+        network = inner_model.diffusion_model
+        units = family.recompute_units(network, store.layers)
+        store.cache[key] = {"all": list(inner_model.modules()), "graph": family.graph_modules(network, store.layers),
                             "units": units, "inside": {m: list(m.modules()) for m in units}}
     return store.cache[key]
 
@@ -198,7 +208,7 @@ def holds_inference_weights(modules) -> bool:
     """Does a recomputed module (its modules, itself included) compute with weights that may
     be inference tensors (fetched per call, or left so)? Then each of its operations gets
     normal copies (recompute.py); else only its call arguments do."""
-    return any(unet_layers.streams_weights(m) or any(p is not None and p.is_inference() for p in m._parameters.values())
+    return any(streams_weights(m) or any(p is not None and p.is_inference() for p in m._parameters.values())
                for m in modules)
 
 

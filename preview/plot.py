@@ -10,7 +10,7 @@ import math
 from PIL import Image, ImageDraw
 
 from ..guidance.trace import TERMS, RunTrace
-from .preview_maps import IMAGE_COLOURS, WINDOW, _fit, _font, _text_width, relation_text
+from .maps import IMAGE_COLOURS, WINDOW, _fit, _font, _text_width, relation_text
 
 REFINE_COLOUR = (230, 120, 20)
 

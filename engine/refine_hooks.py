@@ -12,7 +12,7 @@
   guided step (guidance/step.py). With InfSplign's guidance on the same model the two join
   in that node's guided step (step_terms.with_continuous): one forward, one backward.
 
-The capture, its patches, the memory modes and the trace are the ones of nodes/hooks.py.
+The capture, its patches, the memory modes and the trace are the ones of engine/hooks.py.
 What changes with the sampler: deterministic samplers (euler, heun, dpmpp_2m, ...) give the
 unrefined run's latents up to step k exactly; multistep samplers start their history again
 at step k; ancestral and SDE samplers draw the noise of the steps after k afresh (their
@@ -47,6 +47,13 @@ def _linear_inverse(f, sigma, y: torch.Tensor) -> torch.Tensor:
     return (y - base) / slope
 
 
+def input_scale(sampling, sigma: torch.Tensor) -> float:
+    """What the model divides its input latent by at `sigma` (ComfyUI's calculate_input:
+    sqrt(sigma^2 + sigma_data^2) on eps and v models, 1 under flow matching)."""
+    one = torch.ones((1, 1, 1, 1))
+    return 1.0 / float(sampling.calculate_input(sigma.reshape(1).float().cpu(), one).flatten()[0])
+
+
 def refine_at(guider, store, x: torch.Tensor, sigma: torch.Tensor, k: int, settings: RefineSettings,
               model_options: dict) -> tuple[torch.Tensor, RefineReport]:
     """The refined latent at step k (sigma), in the run's memory mode with its fallbacks."""
@@ -75,7 +82,7 @@ def refine_at(guider, store, x: torch.Tensor, sigma: torch.Tensor, k: int, setti
         with memory_modes.guided_forward(inner, store, mode, options,
                                          copy_everywhere=plan is not None and plan.copy_everywhere):
             return refine_latent(loss_at, x, float(sigma), settings.iterations, settings.learning_rate,
-                                 float(getattr(sampling, "sigma_data", 1.0)), report)
+                                 input_scale(sampling, sigma), report)
 
     def unrefined(reason: str):
         report.skipped = reason
@@ -156,9 +163,10 @@ def continuous_wrapper(relations: SpatialRelations, settings: RefineSettings):
     return predict_noise
 
 
-def with_refine(model, relations: SpatialRelations, settings: RefineSettings, default_layers):
-    """A clone of `model` refined by InfSplign Refine; capture with `default_layers()` if none yet."""
-    m = model if hooks.has_capture(model) else hooks.with_capture(model, relations, default_layers())
+def with_refine(model, relations: SpatialRelations, settings: RefineSettings):
+    """A clone of `model` refined by InfSplign Refine (capturing the default layers if
+    nothing captures yet)."""
+    m = hooks.with_default_capture(model, relations)
     m = m.clone()
     m.remove_wrappers_with_key(WrappersMP.SAMPLER_SAMPLE, REFINE_KEY)
     m.add_wrapper_with_key(WrappersMP.SAMPLER_SAMPLE, REFINE_KEY, refine_wrapper(relations, settings))

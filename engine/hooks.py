@@ -3,9 +3,10 @@
 Both are keyed wrappers (they compose with other packs' wrappers; the single
 `sampler_cfg_function` slot is left alone):
 - OUTER_SAMPLE "infsplign.capture": at sampling time, when every node of the graph has
-  patched the model, put a capture patch on each chosen attn2 layer, wrapping whatever
-  patch sits there then (IPAdapter and the like keep working). The patches go into the
-  guider's per-run copy of model_options, so nothing outlives the run.
+  patched the model, install the model family's capture (engine/families: on a UNet a
+  capture patch on each chosen attn2 layer, wrapping whatever patch sits there then, so
+  IPAdapter and the like keep working). The hooks go into the guider's per-run copy of
+  model_options, so nothing outlives the run.
 - PREDICT_NOISE "infsplign.guidance": inside the step window, run the sampler's own
   prediction with autograd and apply guidance.guided_step.
 - CALC_COND_BATCH "infsplign.split": during a guided step only, the sampler's cond rows
@@ -39,13 +40,13 @@ import torch
 from comfy.patcher_extension import WrappersMP, get_wrappers_with_key
 
 from ..guidance.autograd import make_autograd_safe
-from .unet_patches import BLOCK_PATCHES, autograd_guard, capture_patch, copy_skips, stop_graph_after
 from ..guidance.capture import CaptureStore, Layer
 from ..guidance.losses import LossSettings
 from ..guidance.relations import SpatialRelations
 from ..guidance.step import NO_MAPS, GuidanceSettings, StepReport, guided_step
-from . import memory_modes, step_terms
 from ..guidance.trace import RunTrace, Trace
+from . import memory_modes, step_terms
+from .families import FAMILY_KEY, ModelFamily, family_of, of_run
 
 log = logging.getLogger("infsplign")
 
@@ -54,27 +55,18 @@ GUIDANCE_KEY = "infsplign.guidance"
 SPLIT_KEY = "infsplign.split"
 OBSERVE_KEY = "infsplign.observe"
 MEMORY_KEY = "infsplign.memory"
-REFINE_KEY = "infsplign.refine"  # SAMPLER_SAMPLE of InfSplign Refine (nodes/refine_hooks.py)
+REFINE_KEY = "infsplign.refine"  # SAMPLER_SAMPLE of InfSplign Refine (engine/refine_hooks.py)
 RUN_KEY = "infsplign_run"
 TRACE_KEY = "infsplign_trace"
 PLAN_KEY = "infsplign_memory"
 FORWARDS = {"batched": "cond and uncond rows in one forward", "split": "cond rows apart from uncond rows"}
 
 
-def _install_capture(model_options: dict, store: CaptureStore, run: RunTrace | None = None,
-                     observe: bool = False) -> None:
+def _install_capture(model_options: dict, family: ModelFamily, store: CaptureStore, diffusion_model,
+                     run: RunTrace | None = None, observe: bool = False) -> None:
     options = model_options.setdefault("transformer_options", {})
-    replace = options.setdefault("patches_replace", {}).setdefault("attn2", {})
-    for layer in store.layers:
-        key = ("output", layer.block, layer.transformer)
-        previous = replace.get(key, replace.get(("output", layer.block)))
-        replace[key] = capture_patch(store, layer, previous)
-    patches = options.setdefault("patches", {})
-    for name in BLOCK_PATCHES:  # (per-run lists: the model's own stay as they are)
-        if patches.get(name):
-            patches[name] = [autograd_guard(store, p) for p in patches[name]]
-    patches.setdefault("output_block_patch", []).append(stop_graph_after(store))
-    patches.setdefault("input_block_patch_after_skip", []).append(copy_skips(store))
+    family.install_capture(options, store, diffusion_model)
+    options[FAMILY_KEY] = family
     options[RUN_KEY] = store
     options[TRACE_KEY] = run
     if observe:  # capture only: record each step's own forward (innermost, so other wrappers see it done)
@@ -133,8 +125,8 @@ def step_sigma(timestep: torch.Tensor) -> float:
     return float(timestep.max())
 
 
-def capture_wrapper(relations: SpatialRelations, layers: tuple[Layer, ...]):
-    """OUTER_SAMPLE: install the capture for one run; its `trace` keeps the finished runs."""
+def capture_wrapper(relations: SpatialRelations, layers: tuple[Layer, ...], family: ModelFamily):
+    """OUTER_SAMPLE: install the family's capture for one run; its `trace` keeps the finished runs."""
     trace = Trace(relations)
 
     def outer_sample(executor, *args, **kwargs):
@@ -148,7 +140,7 @@ def capture_wrapper(relations: SpatialRelations, layers: tuple[Layer, ...]):
         run = trace.start(settings.loss if settings is not None else LossSettings(), guided=settings is not None,
                           objective=step_terms.run_objective(store, settings, refine))
         # capture only records each step itself; InfSplign Refine's `continuous` records its own
-        _install_capture(guider.model_options, store, run,
+        _install_capture(guider.model_options, family, store, guider.model_patcher.model.diffusion_model, run,
                          observe=settings is None and not (refine is not None and refine.continuous))
         try:
             output = executor(*args, **kwargs)
@@ -208,6 +200,7 @@ def guided_prediction(executor, x, timestep, model_options, seed, store: Capture
         return denoised
     plan = memory_plan(model_options, guider.model_patcher, x.shape) if settings.strength > 0 else None
     options = model_options["transformer_options"]
+    formula = of_run(options).guidance_formula(sampling)
     store.step_active, store.latent_hw, cropped = True, tuple(x.shape[2:]), store.cropped_calls
 
     def guided(mode: str):
@@ -218,7 +211,7 @@ def guided_prediction(executor, x, timestep, model_options, seed, store: Capture
             # copy: post-CFG and cfg functions (RescaleCFG) compute with it and the latent.
             denoised, report = guided_step(
                 lambda xx: executor(xx, timestep.clone() if xx.requires_grad else timestep, model_options, seed),
-                x, timestep, store, settings, objective, sigma)
+                x, timestep, store, settings, objective, sigma, formula)
         report.forward = "batched" if batched else "split"
         return denoised, report
 
@@ -228,7 +221,7 @@ def guided_prediction(executor, x, timestep, model_options, seed, store: Capture
     try:
         if plan is None:  # strength 0 only observes: no autograd, no extra memory
             denoised, report = guided_step(lambda xx: executor(xx, timestep, model_options, seed),
-                                           x, timestep, store, settings, objective, sigma)
+                                           x, timestep, store, settings, objective, sigma, formula)
         else:
             denoised, report = memory_modes.step_with_fallback(plan, plan.step_mode(), guided, unguided, size_text(x))
     finally:
@@ -344,16 +337,25 @@ def has_capture(model) -> bool:
 
 
 def with_capture(model, relations: SpatialRelations, layers: tuple[Layer, ...]):
-    """A clone of `model` that captures the relations' object maps on `layers`."""
+    """A clone of `model` that captures the relations' object maps on `layers` (of the
+    model's family)."""
+    family = family_of(model)
     m = model.clone()
     m.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, CAPTURE_KEY)
-    m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, CAPTURE_KEY, capture_wrapper(relations, layers))
+    m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, CAPTURE_KEY, capture_wrapper(relations, layers, family))
     return m
 
 
-def with_guidance(model, relations: SpatialRelations, settings: GuidanceSettings, default_layers):
-    """A clone of `model` guided by InfSplign; capture with `default_layers()` if none yet."""
-    m = model if has_capture(model) else with_capture(model, relations, default_layers())
+def with_default_capture(model, relations: SpatialRelations):
+    """`model` if it captures already (Attention Capture Patch), else a clone capturing its
+    family's default layers."""
+    return model if has_capture(model) else with_capture(model, relations, family_of(model).default_layers(model))
+
+
+def with_guidance(model, relations: SpatialRelations, settings: GuidanceSettings):
+    """A clone of `model` guided by InfSplign (capturing the default layers if nothing
+    captures yet)."""
+    m = with_default_capture(model, relations)
     m = m.clone()
     m.remove_wrappers_with_key(WrappersMP.PREDICT_NOISE, GUIDANCE_KEY)
     m.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, GUIDANCE_KEY, guidance_wrapper(relations, settings))

@@ -1,0 +1,1 @@
+"""The images InfSplign Attention Preview draws (PIL and torch only, no ComfyUI import)."""
