@@ -57,7 +57,7 @@ def _optional() -> dict:
                             "gradient toward the place the object must go, and objects do not move."}),
             "memory": (list(MEMORY_MODES), {"default": "auto", "tooltip":
                        "GPU memory of the guided steps. fast: keeps what the gradient needs (SDXL 1024 px: about "
-                       "4.4 GiB more than a plain step). low: recomputes inside the UNet's blocks during the "
+                       "4.4 GiB more than a plain step). low: recomputes inside the model's blocks during the "
                        "gradient (about 0.3 GiB more; slower guided steps, same image). auto: low when fast "
                        "does not fit the free memory."})}
 

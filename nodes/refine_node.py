@@ -47,7 +47,7 @@ class Refine:
                                "Adam steps on the latent at that step (0 = off; GSN uses 50). Each costs about "
                                "one guided step."}),
                 "learning_rate": f(d["learning_rate"], 0.0001, 1.0, 0.001, "Adam's learning rate, in the "
-                                   "UNet's latent units (a step moves each latent value by about this)."),
+                                   "model's input units (a step moves each latent value by about this)."),
                 "continuous": ("BOOLEAN", {"default": False, "tooltip": "Also one gradient step of the same "
                                "loss on every step before continuous_end_percent (GSN's GSNg)."}),
             },
