@@ -1,6 +1,7 @@
 """Tensor operations and host-device syncs per sampling step: the launch cost, counted.
 
     .venv/bin/python bench/op_count.py             # SD1.5, SD2.x-v and SDXL test topologies (about 2 min)
+    .venv/bin/python bench/op_count.py --topologies flux_dev,sd3   # the MMDiT test models (bench/op_graphs.py)
     .venv/bin/python bench/op_count.py --sites     # also where each counted sync happens
 
 On a GPU a guided step is bound by the host (Python, the dispatcher, one kernel launch per
@@ -25,7 +26,8 @@ there is counted here on any machine, with the real executor and the narrow test
 Rows: plain sampling; Attention Capture Patch alone; InfSplign at strength 0 on every step;
 guided `fast` and `low` steps; the unguided steps of a default-window run (25 % of 4 steps
 guided); a Layout Boxes step (injection and box loss); one InfSplign Refine iteration.
-Batch 1, cfg 5 (a cond and an uncond row), 64 x 64 px, 8 euler steps. Each row's graph runs
+Batch 1, cfg 5 (a cond and an uncond row; Flux.1-dev cfg 1, SD3 cfg 4), 64 x 64 px, 4 euler
+steps. Each row's graph runs
 twice with different seeds and the second run is counted (the first loads the model and
 makes its weights usable by autograd once).
 """
@@ -43,8 +45,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "host"), str(ROOT / "tests"), str(ROOT / "tests" / "tier3")]
+sys.path[:0] = [str(ROOT / "host"), str(ROOT / "tests"), str(ROOT / "tests" / "tier3"), str(ROOT / "bench")]
 
+import op_graphs  # noqa: E402
 import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -212,62 +215,10 @@ def counting_refinement(count: Count, refine_hooks):
         refine_hooks.refine_latent = original
 
 
-def graphs(topology: str) -> dict:
-    """name -> (graph for a seed, which steps the row reads, the fast step's design)."""
-    from graphs import insert_model_patch, workflow
-    ckpt = f"infsplign_test_{topology}.safetensors"
-
-    def build(kind, seed, text="a cat to the left of a dog", **settings):
-        common = dict(steps=STEPS, seed=seed, text=text)
-        if kind == "plain":
-            return workflow(ckpt, "ksampler", guided=False, **common)
-        if kind == "capture":
-            g = workflow(ckpt, "ksampler", guided=False, **common)
-            return insert_model_patch(g, "capture", "InfSplignAttentionCapture", relations=["parse", 0],
-                                      layers="auto", custom_layers="")
-        return workflow(ckpt, "ksampler", **common, **settings)
-
-    def boxes(seed):
-        g = build("guided", seed, memory="fast", end_percent=1.0, text="a cat and a dog")
-        boxes = [{"object": "cat", "box": [0.05, 0.1, 0.45, 0.6]}, {"object": "dog", "box": [0.55, 0.4, 0.95, 0.9]}]
-        g["layout"] = {"class_type": "InfSplignLayout", "inputs": {
-            "clip": ["ckpt", 1], "text": "a cat and a dog", "boxes": json.dumps(boxes), "injection": 6.0,
-            "injection_end_percent": 1.0, "box_loss": "ilgd", "box_weight": 12.0, "box_end_percent": 1.0}}
-        g["apply"]["inputs"]["relations"] = ["layout", 0]
-        del g["parse"]
-        return g
-
-    def refine(seed):
-        g = build("plain", seed)
-        g["refine"] = {"class_type": "InfSplignRefine", "inputs": {
-            "model": ["ckpt", 0], "relations": ["parse", 0], "presence": 1.0, "separation": 0.5, "spatial": 1.0,
-            "refine_percent": 0.5, "iterations": REFINE_ITERATIONS, "learning_rate": 0.05, "continuous": False,
-            "memory": "fast"}}
-        g["sample"]["inputs"]["model"] = ["refine", 0]
-        return g
-    every = range(STEPS)
-    window = round(STEPS * 0.25)
-    return {
-        "plain": (lambda s: build("plain", s), every, None),
-        "capture only": (lambda s: build("capture", s), every, None),
-        "strength 0": (lambda s: build("guided", s, strength=0.0, end_percent=1.0), every, None),
-        "guided fast, one forward": (lambda s: build("guided", s, memory="fast", end_percent=1.0), every, "batched"),
-        "guided fast, split": (lambda s: build("guided", s, memory="fast", end_percent=1.0), every, "split"),
-        "guided low": (lambda s: build("guided", s, memory="low", end_percent=1.0), every, None),
-        "unguided steps of a guided run": (lambda s: build("guided", s, memory="fast", end_percent=0.25),
-                                           range(window, STEPS), None),
-        "layout boxes step": (boxes, every, "split"),
-        "refine iteration": (refine, "refine", "split"),
-    }
-
-
-REFINE_ITERATIONS = 2
-
-
 def measure(topology: str, session, count: Count, pack, only=()) -> dict:
     """The rows of one topology (the model warmed up by one guided run first)."""
     memory_modes = pack("engine.memory_modes")
-    rows = graphs(topology)
+    rows = op_graphs.graphs(topology, STEPS)
     warm = session.execute(rows["guided fast, split"][0](0))
     if not warm.success:
         raise RuntimeError(f"{topology} warm-up: {warm.error()}")
@@ -287,7 +238,7 @@ def measure(topology: str, session, count: Count, pack, only=()) -> dict:
             raise RuntimeError(f"{topology} {name}: {run.error()}")
         print(f"   {topology} {name}: {time.perf_counter() - started:.1f} s", flush=True)
         if steps == "refine":
-            phases, per = [("refine", 0)], REFINE_ITERATIONS + 1  # Adam steps, and the loss at the result
+            phases, per = [("refine", 0)], op_graphs.REFINE_ITERATIONS + 1  # Adam steps, and the loss at the result
         else:
             phases, per = [("step", i) for i in steps], 1
         pick = (lambda counter, key=None: statistics.median(  # noqa: E731
@@ -298,32 +249,28 @@ def measure(topology: str, session, count: Count, pack, only=()) -> dict:
                          "kinds": Counter({k: v / len(phases) / per for k, v in kinds.items()}),
                          "sites": dict(count.sites)}
     if not only or FLOOR in only:
-        results[FLOOR] = floor(session.output("ckpt"), count)
+        results[FLOOR] = floor(session.output("ckpt"), count, pack)
     return results
 
 
-FLOOR = "the UNet alone: forward with autograd, backward"
+FLOOR = "the network alone: forward with autograd, backward"
 
 
-def floor(model, count: Count) -> dict:
-    """What any gradient through the UNet costs, without the pack: the model's diffusion
-    model called directly with autograd on a cond and an uncond row, then the backward of
-    its output to the latent. A guided step that shares one forward cannot cost less."""
-    unet = model.model.diffusion_model
-    config = model.model.model_config.unet_config
-    context = config["context_dim"][0] if isinstance(config["context_dim"], (list, tuple)) else config["context_dim"]
-    inputs = {"timesteps": torch.full((2,), 500.0), "context": torch.randn(2, 77, context)}
-    if config.get("adm_in_channels"):
-        inputs["y"] = torch.randn(2, config["adm_in_channels"])
-    x = torch.randn(2, config["in_channels"], 8, 8, requires_grad=True)
-    frozen = [p for p in unet.parameters() if p.requires_grad]
+def floor(model, count: Count, pack) -> dict:
+    """What any gradient through the network costs, without the pack: the model's diffusion
+    model called directly with autograd on the rows of the sampler's forward, then the
+    backward of its output to the latent. A guided step that shares one forward cannot cost
+    less."""
+    network, inputs, exact = op_graphs.floor_call(model, pack)
+    x = inputs.pop("x").requires_grad_(True)
+    frozen = [p for p in network.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     count.clear()
     try:
-        with _Ops(count):
+        with exact, _Ops(count):
             count.phase = ("floor", 0)
-            out = unet(x, **inputs)
+            out = network(x, **inputs)
             torch.autograd.grad(out.sum(), x)
             count.phase = None
     finally:
@@ -369,13 +316,11 @@ def main() -> int:
     # scaled_dot_product_attention, which the guided forward also uses there)
     args.use_pytorch_cross_attention = opts.gpu_attention
     comfy_host.boot()
-    from testkit import models
     folder = Path(tempfile.mkdtemp(prefix="infsplign_opcount_"))
     comfy_host.set_output_directory(folder / "output")
     (folder / "checkpoints").mkdir()
     topologies = [t.strip() for t in opts.topologies.split(",") if t.strip()]
-    for topology in topologies:
-        models.save_checkpoint(str(folder / "checkpoints" / f"infsplign_test_{topology}.safetensors"), topology)
+    op_graphs.save_models(folder / "checkpoints", topologies)
     comfy_host.add_checkpoint_folder(folder / "checkpoints")
     from test_robustness import loaded_pack
     count = Count(sites=opts.sites)
@@ -383,7 +328,7 @@ def main() -> int:
     results = {t: measure(t, comfy_host.Session(), count, loaded_pack, only) for t in topologies}
     attention = "PyTorch attention, as on a GPU" if opts.gpu_attention else "ComfyUI's CPU attention"
     print(f"\nPer step (median over the steps of one run): dispatched ATen ops, launches, syncs; batch 1, "
-          f"cfg 5, {STEPS} euler steps, 64 x 64 px, {attention}, ComfyUI {comfy_host.version()}, "
+          f"cfg 5 (Flux.1-dev 1, SD3 4), {STEPS} euler steps, 64 x 64 px, {attention}, ComfyUI {comfy_host.version()}, "
           f"torch {torch.__version__}")
     print("\n".join(table(results, topologies)))
     if opts.kinds:
