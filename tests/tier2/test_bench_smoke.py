@@ -37,3 +37,19 @@ def test_op_counter_holds_the_step_budgets(host, tmp_path):
     assert ratio["strength 0"] <= 1.3, ratio
     guided = sd1["guided fast, split"]["parts"]
     assert guided["work"] == 0 and guided["after"] <= 1, guided
+
+
+def test_op_counter_on_an_mmdit_model(host, tmp_path):
+    """bench/op_count.py on the narrow Flux.1-dev (cfg 1): the guided step waits for the device
+    nowhere inside its forward and backward, as on the UNet, in `fast` and in `low`."""
+    result = tmp_path / "ops.json"
+    rows = "plain;guided fast, split;guided low"
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "op_count.py"), "--topologies", "flux_dev",
+                          "--only", rows, "--json", str(result)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+    flux = json.loads(result.read_text())["flux_dev"]
+    for name in ("guided fast, split", "guided low"):
+        parts = flux[name]["parts"]
+        assert parts["work"] == 0 and parts["after"] <= 1, (name, parts)
+        assert flux[name]["ops"] > 2 * flux["plain"]["ops"]  # a forward with autograd and a backward ran
