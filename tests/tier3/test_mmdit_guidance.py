@@ -119,3 +119,26 @@ def test_box_injection_acts_on_the_joint_attention_and_low_gives_fast(host, mmdi
     low = _latent(host, guided(topology, "layout", "ksampler", settings={**GUIDED, "memory": "low"}, steps=STEPS))
     assert torch.isfinite(fast).all() and not fast.equal(injected)
     assert ((low - fast).abs().max() / fast.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("topology", ["flux_dev", "chroma", "sd3"])
+def test_a_batch_of_two_is_guided_per_image_and_previewed(host, mmdit_files, topology, caplog):
+    """Two images in one latent batch: both guided (a loss per image), `low` gives `fast`'s
+    latents, and InfSplign Attention Preview draws the run's maps and losses."""
+    def graph(memory):
+        g = guided(topology, "apply", "ksampler", settings={**GUIDED, "memory": memory}, steps=STEPS)
+        g["latent"]["inputs"]["batch_size"] = 2
+        g["preview"] = {"class_type": "InfSplignAttentionPreview",
+                        "inputs": {"latent": ["sample", 0], "model": ["apply", 0], "steps": "auto", "size": 64}}
+        return g
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="infsplign"):
+        run = host.execute(graph("fast"))
+    assert run.success, run.error()
+    (fast,) = host.saved_latents(run, "save_latent")
+    reports = [r.infsplign for r in caplog.records if hasattr(r, "infsplign")]
+    assert fast.shape[0] == 2 and torch.isfinite(fast).all() and not torch.equal(fast[0], fast[1])
+    assert len(reports) == 2 and all(r.applied and r.grad_norm > 0 for r in reports)
+    assert [im["type"] for im in run.outputs["preview"]["images"]] == ["temp", "temp"]
+    (low,) = host.saved_latents(host.execute(graph("low")), "save_latent")
+    assert ((low - fast).abs().max() / fast.abs().max()) <= 1e-5
