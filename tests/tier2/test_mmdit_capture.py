@@ -300,3 +300,37 @@ def test_chains_with_the_memory_efficient_attention(built):
     assert torch.equal(plain, captured)
     assert len(reached) == len(capture.calls) == len(dm.double_blocks) + len(dm.single_blocks)
     assert options["optimized_attention_override"] is efficient
+
+
+def test_the_family_capture_finds_the_image_before_reference_latents(built):
+    """Flux with Kontext-style reference latents (ref_latents: their tokens follow the image's):
+    the maps the run's CaptureStore gets from the family's capture equal those of a capture
+    told the text length outright; without reference latents as well."""
+    from infsplign.engine.families.mmdit.capture import CaptureOverride, JointCapture, blocks_of
+    from infsplign.engine.families.mmdit.family import MMDIT
+    from infsplign.guidance.capture import CaptureStore
+    from infsplign.guidance.joint_attention import object_index
+    from infsplign.guidance.relations import BoundRelation, Relation, SpatialRelations
+    model, clip, _ = built["flux_dev"]
+    dm = model.model.diffusion_model
+    cond, extra = _conds("flux_dev", clip)
+    cat, dog = _word(clip, TEXT, "cat"), _word(clip, TEXT, "dog")
+    relations = SpatialRelations((BoundRelation(Relation("cat", "left", "dog"), (cat,), (dog,)),), TEXT, "t5xxl",
+                                 cond.shape[1])
+    layers = MMDIT.default_layers(model)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 16, 16, 16, generator=g)
+    for refs in ([], [torch.randn(1, 16, 12, 8, generator=g)]):
+        truth = JointCapture(blocks_of(dm, [(layer.kind, layer.block) for layer in layers]), HW,
+                             text_tokens=cond.shape[1])
+        store = CaptureStore(relations, layers)
+        store.capturing, store.latent_hw = True, (16, 16)
+        options = {"optimized_attention_override": CaptureOverride(truth), "cond_or_uncond": [0]}
+        MMDIT.install_capture(options, store, dm)
+        with torch.no_grad():
+            dm(x, torch.tensor([0.7]), cond, ref_latents=refs or None, transformer_options=options, **extra)
+        ((level, maps),) = store.take()
+        expected = truth.maps(object_index([[cat], [dog]], torch.device("cpu")))
+        assert level == "coarse" and maps.shape == (len(layers), 1, 2, *HW)
+        for layer, m in zip(layers, maps):
+            torch.testing.assert_close(m, expected[(layer.kind, layer.block)].float(), rtol=1e-5, atol=1e-7)

@@ -21,8 +21,9 @@
 - the memory count: the model ComfyUI builds from the same supported-model config, on the
   meta device (memory.meta_twin).
 
-Where the text and image tokens sit: the text first, then the image tokens of the latent
-(a 2 x 2 patch each), then Kontext's reference images (counted by ComfyUI 0.33 and later).
+Where the text and image tokens sit: the text first (on Flux and Chroma their forward's
+context rows, read by a DIFFUSION_MODEL wrapper; on SD3 all tokens before the image), then
+the image tokens of the latent (a 2 x 2 patch each), then Kontext's reference images.
 A call with fewer text rows than the prompt has (a latent crop of area conditioning) is not
 read, as on the UNet. In a batch of conds of unequal lengths ComfyUI repeats each context to
 a common length: the copies of an object's row share its probability, so the maps are
@@ -37,6 +38,7 @@ from torch import nn
 
 import comfy.model_base
 import comfy.model_sampling
+from comfy.patcher_extension import WrappersMP
 
 from ....guidance.capture import CaptureStore, Layer, cond_rows
 from ....guidance.joint_attention import chunk_rows, joint_injection_delta
@@ -51,6 +53,8 @@ from .recompute import recompute_units as joint_recompute_units
 PATCH = 2  # Flux, Chroma and SD3: one image token per 2 x 2 latent patch
 # Logits of one chunk of image queries of the boxes' injection (two softmaxes of it at a time).
 INJECTION_CHUNK_BYTES = 64 * 2**20
+TEXT_ROWS = "infsplign_text_rows"  # transformer_options key: the text rows of this forward's sequence
+TEXT_ROWS_KEY = "infsplign.text_rows"  # the DIFFUSION_MODEL wrapper that puts them there
 VARIANTS = {"flux": "Flux.1", "chroma": "Chroma", "sd3": "SD3 / SD3.5"}
 # The encoders whose contexts each model reads (engine/text_contexts.py names them).
 ENCODERS = {"flux": ("t5xxl",), "chroma": ("t5xxl",),
@@ -151,8 +155,11 @@ class StoreCapture:
             return None
         h, w = store.latent_hw[-2:]
         hw = ((h + PATCH - 1) // PATCH, (w + PATCH - 1) // PATCH)
-        # [text | image | reference images (Kontext; ComfyUI 0.33 counts their tokens)]
-        text = k.shape[2] - hw[0] * hw[1] - sum(options.get("reference_image_num_tokens") or ())
+        # [text | image | reference images (Kontext)]: Flux's and Chroma's forward says how many
+        # text rows (text_rows); SD3 has no reference images
+        text = options.get(TEXT_ROWS)
+        if text is None:
+            text = k.shape[2] - hw[0] * hw[1] - sum(options.get("reference_image_num_tokens") or ())
         if text < store.relations.sequence_length:
             store.cropped_calls += store.capturing
             return None
@@ -200,6 +207,19 @@ class StoreCapture:
             full = torch.zeros((delta.shape[0], *out.shape[1:]), dtype=out.dtype, device=out.device)
             full[:, image[0]:image[1]] = delta
         return out + full if index is None else out.index_add(0, index, full)
+
+
+def text_rows(executor, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper of Flux / Chroma: the forward's transformer_options (a per-call
+    dict) learn how many text rows its sequence starts with (the context's), so the capture
+    finds the image tokens also when reference images (Kontext) follow them."""
+    options = kwargs.get("transformer_options")
+    if options is None:  # (passed positionally: the last dict, after ControlNet's)
+        options = next((a for a in reversed(args) if isinstance(a, dict)), None)
+    context = kwargs.get("context", args[2] if len(args) > 2 else None)
+    if isinstance(options, dict) and torch.is_tensor(context):
+        options[TEXT_ROWS] = context.shape[1]
+    return executor(*args, **kwargs)
 
 
 def _detached_after(store: CaptureStore, previous):
@@ -259,6 +279,10 @@ class MMDiTFamily(ModelFamily):
         if is_sd3(diffusion_model):
             for kind, i in captured:
                 dit[("double_block", i)] = _sd3_block_patch(diffusion_model, i, dit.get(("double_block", i)))
+        else:
+            wrappers = transformer_options.setdefault("wrappers", {})
+            kind = WrappersMP.DIFFUSION_MODEL
+            wrappers[kind] = {**wrappers.get(kind, {}), TEXT_ROWS_KEY: [text_rows]}
         transformer_options["patches_replace"] = {**replace, "dit": dit}
 
     def step_attention(self, previous, efficient):
