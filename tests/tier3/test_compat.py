@@ -1,6 +1,6 @@
 """Tier 3: InfSplign inside real workflows, next to what else they hold: LoRA, ControlNet,
-ComfyUI's built-in model patches, samplers and schedulers, batches, sizes, img2img, cfg 1,
-area / masked / combined conditioning and model compute dtypes. Every case runs a whole
+ComfyUI's built-in model patches, samplers and schedulers, batches, sizes, img2img, cfg 1
+and model compute dtypes (area, masked and combined conditioning: test_compat_conditioning.py). Every case runs a whole
 prompt through ComfyUI's executor (inference mode on, real nodes, real loaders) on both
 sampler paths where the case applies, and asserts three things: the output is finite,
 guidance was applied (StepReports from the "infsplign" logger), and the partner still has
@@ -12,93 +12,13 @@ shared: a graph that several tests need runs once per module.
 """
 from __future__ import annotations
 
-import json
-import logging
-from dataclasses import dataclass, field
-
 import pytest
-import torch
 
-from graphs import Collect, cond_consumer, insert_model_patch, set_latent, workflow
+from compat_runs import (CONTROLNET, LORA, PATHS, SD1, STEPS, assert_guided, base, combine, differs,  # noqa: F401
+                         model_files, run)
+from graphs import cond_consumer, insert_model_patch, set_latent, workflow
 
 pytestmark = pytest.mark.host
-SD1 = "infsplign_test_sd1.safetensors"
-LORA = "infsplign_test_sd1_lora.safetensors"
-CONTROLNET = "infsplign_test_sd1_controlnet.safetensors"
-PATHS = ["ksampler", "custom"]
-STEPS = 3
-
-
-@dataclass
-class Result:
-    reports: list
-    latent: torch.Tensor
-    warnings: list[str] = field(default_factory=list)
-
-
-class Runner:
-    """Executes graphs in one executor session (the checkpoint loads once, as on a server)
-    and remembers each graph's result."""
-
-    def __init__(self, host):
-        self.host, self.session, self.cache = host, host.Session(), {}
-
-    def __call__(self, graph: dict) -> Result:
-        key = json.dumps(graph, sort_keys=True)
-        if key not in self.cache:
-            logger, collect = logging.getLogger("infsplign"), Collect()
-            level = logger.level
-            logger.addHandler(collect)
-            logger.setLevel(logging.INFO)
-            try:
-                run = self.session.execute(graph)
-            finally:
-                logger.removeHandler(collect)
-                logger.setLevel(level)
-            assert run.success, run.error()
-            self.cache[key] = Result(
-                [r.infsplign for r in collect.records if hasattr(r, "infsplign")],
-                self.host.saved_latents(run, "save_latent")[0],
-                [r.getMessage() for r in collect.records if r.levelno >= logging.WARNING])
-        return self.cache[key]
-
-
-@pytest.fixture(scope="module")
-def model_files(host, tmp_path_factory):
-    """A LoRA and a ControlNet generated for the SD1.x test model, in folders that ComfyUI's
-    folder_paths knows, so LoraLoader and ControlNetLoader list and load them."""
-    import folder_paths
-    from testkit import files
-    loras, controlnets = tmp_path_factory.mktemp("loras"), tmp_path_factory.mktemp("controlnet")
-    files.save_lora(str(loras / LORA), "sd1")
-    files.save_controlnet(str(controlnets / CONTROLNET), "sd1")
-    folder_paths.add_model_folder_path("loras", str(loras))
-    folder_paths.add_model_folder_path("controlnet", str(controlnets))
-    return loras, controlnets
-
-
-@pytest.fixture(scope="module")
-def run(host, checkpoints, model_files):
-    return Runner(host)
-
-
-def assert_guided(res: Result, steps: int | None = STEPS):
-    assert torch.isfinite(res.latent).all()
-    assert res.reports, "no guided step was logged"
-    if steps is not None:
-        assert len(res.reports) == steps
-    assert all(r.applied and r.grad_norm > 0 and not r.skipped for r in res.reports), res.reports
-    assert all(r.maps_dtype == "float32" for r in res.reports)
-
-
-def differs(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> bool:
-    """a and b differ by more than rounding: max |a - b| > rel * max |b|."""
-    return bool((a - b).abs().max() > rel * b.abs().max())
-
-
-def base(run, path, **kw) -> Result:
-    return run(workflow(SD1, path, steps=STEPS, **kw))
-
 
 # -- LoRA and ControlNet --------------------------------------------------------------
 
@@ -257,112 +177,6 @@ def test_cfg_one(run, path):
     assert_guided(guided)
     assert differs(guided.latent, plain.latent)
     assert differs(guided.latent, base(run, path).latent)  # cfg 1 is not cfg 5
-
-
-# -- area, masked and combined conditioning --------------------------------------------
-
-def positive(g: dict, node_id: str, node: dict) -> dict:
-    """Feed `node` (built on the positive prompt "pos") to the sampler / guider as positive."""
-    g[node_id] = node
-    g[cond_consumer(g)]["inputs"]["positive"] = [node_id, 0]
-    return g
-
-
-# ConditioningSetArea takes 64 px at least: these cases run at 128 x 128 px, the area (and
-# the mask) being the left half.
-AREA_SIZE = 128
-
-
-def area(g: dict, cond=("pos", 0)) -> dict:
-    g["area"] = {"class_type": "ConditioningSetArea", "inputs": {
-        "conditioning": list(cond), "width": AREA_SIZE // 2, "height": AREA_SIZE, "x": 0, "y": 0, "strength": 1.0}}
-    return g
-
-
-def combine(g: dict, a, b, node_id: str = "combine") -> dict:
-    return positive(g, node_id, {"class_type": "ConditioningCombine",
-                                 "inputs": {"conditioning_1": list(a), "conditioning_2": list(b)}})
-
-
-def left_half_mask(g: dict) -> dict:
-    g["mask_zero"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": AREA_SIZE, "height": AREA_SIZE}}
-    g["mask_half"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": AREA_SIZE // 2, "height": AREA_SIZE}}
-    g["mask"] = {"class_type": "MaskComposite", "inputs": {
-        "destination": ["mask_zero", 0], "source": ["mask_half", 0], "x": 0, "y": 0, "operation": "add"}}
-    return g
-
-
-CROP_WARNING = "covers only part of the latent"
-
-
-@pytest.mark.parametrize("path", PATHS)
-def test_area_conditioning_next_to_a_full_one(run, path):
-    """ConditioningSetArea (left half) combined with the full prompt. The area cond runs on
-    a crop of the latent, so its attention maps are of the crop: it is not recorded (one
-    warning says so), and the guided step reads the full cond alone, exactly as without the
-    area cond (same first-step loss). The area cond still shapes the image."""
-    g = workflow(SD1, path, steps=STEPS, width=AREA_SIZE, height=AREA_SIZE)
-    res = run(combine(area(g), ("pos", 0), ("area", 0)))
-    guided = base(run, path, width=AREA_SIZE, height=AREA_SIZE)
-    assert_guided(res)
-    assert res.reports[0].loss == pytest.approx(guided.reports[0].loss, rel=1e-5)
-    assert sum(CROP_WARNING in w for w in res.warnings) == 1, res.warnings
-    assert differs(res.latent, guided.latent)
-    assert not any(CROP_WARNING in w for w in guided.warnings)
-
-
-@pytest.mark.parametrize("path", PATHS)
-def test_area_conditioning_alone_runs_unguided_with_a_warning(run, path):
-    """Only an area cond: no cond covers the image, so there is nothing to guide on. Every
-    step is skipped with a warning and the result is plain sampling, never an error."""
-    g = workflow(SD1, path, steps=STEPS, width=AREA_SIZE, height=AREA_SIZE)
-    res = run(positive(area(g), "area_only", {"class_type": "ConditioningCombine", "inputs": {
-        "conditioning_1": ["area", 0], "conditioning_2": ["area", 0]}}))
-    plain_g = workflow(SD1, path, steps=STEPS, width=AREA_SIZE, height=AREA_SIZE, guided=False)
-    plain = run(positive(area(plain_g), "area_only", {"class_type": "ConditioningCombine", "inputs": {
-        "conditioning_1": ["area", 0], "conditioning_2": ["area", 0]}}))
-    assert torch.isfinite(res.latent).all()
-    assert len(res.reports) == STEPS and all(r.skipped and not r.applied for r in res.reports)
-    assert any(CROP_WARNING in w and "unguided" in w for w in res.warnings), res.warnings
-    assert torch.allclose(res.latent, plain.latent, rtol=1e-4, atol=1e-4 * plain.latent.abs().max())
-
-
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("set_cond_area", ["default", "mask bounds"])
-def test_masked_conditioning(run, path, set_cond_area):
-    """ConditioningSetMask (left half) on a second prompt, combined with the full prompt.
-    "default": the masked cond runs on the whole latent and is guided with the full one;
-    "mask bounds": it runs on the mask's bounding box (a crop) and is left out, with the
-    warning, so the first step reads the full cond alone. Either way the mask still shapes
-    the image."""
-    g = left_half_mask(workflow(SD1, path, steps=STEPS, width=AREA_SIZE, height=AREA_SIZE))
-    g["pos2"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a cat to the left of a dog, red"}}
-    g["masked"] = {"class_type": "ConditioningSetMask", "inputs": {
-        "conditioning": ["pos2", 0], "mask": ["mask", 0], "strength": 1.0, "set_cond_area": set_cond_area}}
-    res = run(combine(g, ("pos", 0), ("masked", 0)))
-    guided = base(run, path, width=AREA_SIZE, height=AREA_SIZE)
-    assert_guided(res)
-    assert differs(res.latent, guided.latent)
-    if set_cond_area == "mask bounds":
-        assert res.reports[0].loss == pytest.approx(guided.reports[0].loss, rel=1e-5)
-        assert any(CROP_WARNING in w for w in res.warnings)
-    else:
-        assert res.reports[0].loss != pytest.approx(guided.reports[0].loss, rel=1e-4)
-        assert not any(CROP_WARNING in w for w in res.warnings)
-
-
-@pytest.mark.parametrize("path", PATHS)
-def test_conditioning_combine(run, path):
-    """ConditioningCombine of the prompt and a restyled prompt: both conds are full-size and
-    guided (their maps are averaged per image); the second prompt changes the image."""
-    g = workflow(SD1, path, steps=STEPS)
-    g["pos2"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a cat to the left of a dog, oil painting"}}
-    res = run(combine(g, ("pos", 0), ("pos2", 0)))
-    guided = base(run, path)
-    assert_guided(res)
-    assert differs(res.latent, guided.latent)
-    assert res.reports[0].loss != pytest.approx(guided.reports[0].loss, rel=1e-4)  # both were read
-    assert not res.warnings
 
 
 # -- samplers, schedulers, dtypes ------------------------------------------------------

@@ -24,7 +24,6 @@ still covers the first step.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -34,6 +33,8 @@ import pytest
 from PIL import Image
 
 from graphs import Collect
+from workflow_checks import (FILE_WIDGETS, PROVIDED, _box, _module, _options, check_against_object_info,
+                             overlaps, ui_workflow)
 
 pytestmark = [pytest.mark.host, pytest.mark.server]
 
@@ -42,35 +43,7 @@ FOLDER = ROOT / "example_workflows"
 FILES = sorted(FOLDER.glob("*.json"))
 DEMO_WEIGHTS = ROOT / "demo_world" / "infsplign_demo_shapes.safetensors"
 
-# The model files the workflows expect users to have, and the test model written under
-# each name (topology of testkit.models); "input" holds ComfyUI's input images.
-PROVIDED = {
-    "checkpoints": {"v1-5-pruned-emaonly.safetensors": "sd1", "sd_xl_base_1.0.safetensors": "sdxl",
-                    "flux1-dev-fp8.safetensors": "flux_dev",
-                    "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors": "sd3"},
-    "loras": {"your_sd15_lora.safetensors": "sd1"},
-    "controlnet": {"control_v11p_sd15_canny_fp16.safetensors": "sd1"},
-    "input": {"example.png": None},
-}
-FILE_WIDGETS = {("CheckpointLoaderSimple", "ckpt_name"): "checkpoints", ("LoraLoader", "lora_name"): "loras",
-                ("ControlNetLoader", "control_net_name"): "controlnet", ("LoadImage", "image"): "input"}
-FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
-CONTROL = {"fixed", "increment", "decrement", "randomize"}
 SIZE, DEMO_SIZE, STEPS = 64, 128, 4
-TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its pos
-
-
-def _module(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def ui_workflow():
-    import comfy_host  # noqa: F401  (puts host/ on sys.path)
-    import ui_workflow as wf
-    return wf
 
 
 # -- fixtures ----------------------------------------------------------------------------
@@ -138,129 +111,6 @@ def loaded_files(monkeypatch):
 
 
 # -- checks of the UI file against /object_info ------------------------------------------
-
-def _options(spec) -> dict:
-    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-
-
-def _combo(spec):
-    if isinstance(spec[0], list):
-        return spec[0]
-    if spec[0] == "COMBO":
-        return _options(spec).get("options", [])
-    return None
-
-
-def _check_value(where: str, node_type: str, name: str, spec, value, errors: list) -> None:
-    options, combo = _options(spec), _combo(spec)
-    if (node_type, name) in FILE_WIDGETS:
-        folder = FILE_WIDGETS[node_type, name]
-        if value not in PROVIDED[folder]:
-            errors.append(f"{where}: {value!r} is not a file this test provides in {folder}/ (PROVIDED)")
-    elif combo is not None:
-        if value not in combo:
-            errors.append(f"{where}: {value!r} not among {combo}")
-    elif spec[0] in ("INT", "FLOAT"):
-        ok_type = (int,) if spec[0] == "INT" else (int, float)
-        if isinstance(value, bool) or not isinstance(value, ok_type):
-            errors.append(f"{where}: {value!r} is not {spec[0]}")
-        elif not options.get("min", -np.inf) <= value <= options.get("max", np.inf):
-            errors.append(f"{where}: {value!r} outside [{options.get('min')}, {options.get('max')}]")
-    elif spec[0] == "STRING" and not isinstance(value, str):
-        errors.append(f"{where}: {value!r} is not a STRING")
-    elif spec[0] == "BOOLEAN" and not isinstance(value, bool):
-        errors.append(f"{where}: {value!r} is not a BOOLEAN")
-
-
-def _is_upload(spec) -> bool:
-    o = _options(spec)
-    return _combo(spec) is not None and any(o.get(k) for k in ("image_upload", "video_upload", "animated_image_upload"))
-
-
-def check_against_object_info(workflow: dict, info: dict) -> list[str]:
-    """Everything in the UI file that the frontend would not have saved for these nodes."""
-    wf = ui_workflow()
-    errors = []
-    nodes = {n["id"]: n for n in workflow["nodes"]}
-    for n in workflow["nodes"]:
-        where = f'node {n["id"]} ({n["type"]})'
-        if n["type"] in FRONTEND_ONLY:
-            continue
-        if n["type"] not in info:
-            errors.append(f"{where}: not installed on the server")
-            continue
-        entry = info[n["type"]]
-        specs = {**entry["input"].get("required", {}), **entry["input"].get("optional", {})}
-        for inp in n.get("inputs", []):
-            spec = specs.get(inp["name"])
-            if spec is None:
-                errors.append(f'{where}: input {inp["name"]} unknown')
-                continue
-            declared = "COMBO" if _combo(spec) is not None else spec[0]
-            if inp["type"] != declared:
-                errors.append(f'{where}: input {inp["name"]} is {inp["type"]}, the server says {declared}')
-            if wf.is_widget(spec) and inp.get("link") is not None and inp.get("widget", {}).get("name") != inp["name"]:
-                errors.append(f'{where}: linked widget input {inp["name"]} lacks "widget"')
-        linked = {i["name"] for i in n.get("inputs", []) if i.get("link") is not None}
-        for name, spec in entry["input"].get("required", {}).items():
-            if not wf.is_widget(spec) and name not in linked:
-                errors.append(f"{where}: required input {name} is not connected")
-        outs = [(o["name"], o["type"]) for o in n.get("outputs", [])]
-        want = list(zip(entry["output_name"], entry["output"]))
-        # A core node may gain outputs at the end in a later ComfyUI (SaveImage's IMAGE in 0.33):
-        # a file saved before lists the ones it had, and the frontend adds the new ones on load.
-        # The pack's own nodes match exactly.
-        if outs != want and (n["type"].startswith("InfSplign") or outs != want[:len(outs)]):
-            errors.append(f"{where}: outputs {outs} != {want}")
-        # widgets_values: each widget's value, then its control values, in input_order
-        values = list(n.get("widgets_values") or [])
-        cursor, upload = 0, False
-        for name, spec in wf.ordered_inputs(entry):
-            if not wf.is_widget(spec):
-                continue
-            upload = upload or _is_upload(spec)
-            if cursor >= len(values):
-                errors.append(f"{where}: no value saved for widget {name}")
-                break
-            _check_value(f"{where} {name}", n["type"], name, spec, values[cursor], errors)
-            extra = wf.control_values(name, spec)
-            for v in values[cursor + 1:cursor + 1 + min(extra, 1)]:
-                if v not in CONTROL | ({"increment-wrap"} if extra == 2 else set()):
-                    errors.append(f"{where}: {v!r} after {name} is no control_after_generate mode")
-            cursor += 1 + extra
-        if upload:  # the frontend's upload widget, saved last
-            if values[cursor:cursor + 1] != ["image"]:
-                errors.append(f"{where}: the upload widget's value 'image' is missing")
-            cursor += 1
-        if cursor != len(values):
-            errors.append(f"{where}: {len(values)} widget values saved, the frontend saves {cursor}")
-    for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:
-        s, d = nodes[src], nodes[dst]
-        out, inp = s["outputs"][src_slot], d["inputs"][dst_slot]
-        if out["type"] != kind or link_id not in (out.get("links") or []):
-            errors.append(f"link {link_id}: not on output {src_slot} of node {src}")
-        if inp.get("link") != link_id or inp["type"] not in (kind, "*"):
-            errors.append(f"link {link_id}: not on input {dst_slot} of node {dst}")
-    ids = [n["id"] for n in workflow["nodes"]]
-    if len(set(ids)) != len(ids) or workflow["last_node_id"] < max(ids):
-        errors.append("node ids repeat or exceed last_node_id")
-    if workflow["links"] and workflow["last_link_id"] < max(l[0] for l in workflow["links"]):
-        errors.append("link ids exceed last_link_id")
-    return errors
-
-
-def _box(n: dict):
-    (x, y), (w, h) = n["pos"], n["size"]
-    return x, y - TITLE_HEIGHT, x + w, y + h
-
-
-def overlaps(workflow: dict) -> list[tuple[int, int]]:
-    boxes = [(n["id"], _box(n)) for n in workflow["nodes"]]
-    return [(a, b) for i, (a, p) in enumerate(boxes) for b, q in boxes[i + 1:]
-            if p[0] < q[2] and q[0] < p[2] and p[1] < q[3] and q[1] < p[3]]
-
-
-# -- the run -------------------------------------------------------------------------------
 
 def shrink(api: dict) -> dict:
     """The only changes made for run time: latent size and steps (see the module doc)."""
@@ -373,7 +223,7 @@ def test_generated_workflows_are_committed_and_laid_out_left_to_right():
 
 def test_saved_views_show_the_whole_graph_in_a_1920_by_1080_window():
     """Opened in a 1920 x 1080 window, every node, title bar included, lies where the
-    frontend's side bar, top bars and minimap do not cover it (host/make_example_workflows.FREE,
+    frontend's side bar, top bars and minimap do not cover it (host/workflow_graph.FREE,
     MINIMAP; tests/tier4 checks it in the real frontends), at a zoom where the frontend still
     draws node text (0.6 and above): at the saved view (a dropped file; Templates on frontend
     1.32) and at the view frontend 1.49 opens a template at (the graph fitted to the window)."""
@@ -443,55 +293,3 @@ def test_readme_names_every_workflow_and_its_model_files():
                 if node["type"] == kind and folder != "input":
                     value = node["widgets_values"][0]
                     assert value in line, (path.name, value)
-
-
-# -- the converter on what the example files do not hold ---------------------------------
-
-INFO = {
-    "Loader": {"input": {"required": {}}, "input_order": {"required": []}},
-    "Cond": {"input": {"required": {"text": ["STRING", {}]}}, "input_order": {"required": ["text"]}},
-    "CNApply": {"input": {"required": {"positive": ["CONDITIONING", {}], "negative": ["CONDITIONING", {}],
-                                       "strength": ["FLOAT", {}]}},
-                "input_order": {"required": ["positive", "negative", "strength"]}},
-    "Sampler": {"input": {"required": {"positive": ["CONDITIONING", {}], "negative": ["CONDITIONING", {}],
-                                       "seed": ["INT", {"control_after_generate": False}],
-                                       "noise_seed": ["INT", {}],
-                                       "pick": [["a", "b"], {"control_after_generate": True}],
-                                       "steps": ["INT", {}]}},
-                "input_order": {"required": ["positive", "negative", "seed", "noise_seed", "pick", "steps"]}},
-}
-
-
-def _node(id_, type_, inputs=(), widgets=(), mode=0, outputs=1):
-    return {"id": id_, "type": type_, "mode": mode, "widgets_values": list(widgets),
-            "inputs": [{"name": n, "type": t, "link": link} for n, t, link in inputs],
-            "outputs": [{"name": "out", "type": "CONDITIONING", "links": []} for _ in range(outputs)]}
-
-
-def test_converter_frontend_rules():
-    """Bypassed ControlNetApplyAdvanced-like node: its negative output passes its negative
-    input (same slot), not its first CONDITIONING; a Reroute passes its input through; a
-    PrimitiveNode's value stays in the widget it feeds; an explicit control_after_generate
-    False on a seed adds no control value, a combo with it adds two (mode and filter)."""
-    wf = ui_workflow()
-    workflow = {
-        "nodes": [
-            _node(1, "Cond", widgets=["pos"]), _node(2, "Cond", widgets=["neg"]),
-            _node(3, "CNApply", [("positive", "CONDITIONING", 1), ("negative", "CONDITIONING", 2)],
-                  widgets=[1.0], mode=4, outputs=2),
-            _node(4, "Reroute", [("", "*", 4)]),
-            _node(5, "PrimitiveNode", widgets=[9]),
-            _node(6, "Sampler", [("positive", "CONDITIONING", 3), ("negative", "CONDITIONING", 6),
-                                 ("steps", "INT", 7)],
-                  widgets=[11, 22, "fixed", "b", "fixed", "", 9]),
-            _node(7, "Note", widgets=["hello"]),
-        ],
-        "links": [[1, 1, 0, 3, 0, "CONDITIONING"], [2, 2, 0, 3, 1, "CONDITIONING"],
-                  [3, 3, 0, 6, 0, "CONDITIONING"], [4, 3, 1, 4, 0, "CONDITIONING"],
-                  [6, 4, 0, 6, 1, "CONDITIONING"],
-                  [7, 5, 0, 6, 5, "INT"]],
-    }
-    api = wf.to_api(workflow, INFO)
-    assert set(api) == {"1", "2", "6"}
-    assert api["6"]["inputs"] == {"positive": ["1", 0], "negative": ["2", 0], "seed": 11,
-                                  "noise_seed": 22, "pick": "b", "steps": 9}
