@@ -58,24 +58,28 @@ def prompt_and_parse(w: Workflow, clip: tuple[int, int], text: str, x: int, y0: 
     return ids
 
 
-def sd15_ksampler() -> dict:
-    w = Workflow("InfSplign on SD1.5 with KSampler: the relation in the prompt guides where the objects go.")
-    ckpt = w.node("CheckpointLoaderSimple", (X[0], 80), (320, 100), ["v1-5-pruned-emaonly.safetensors"])
+def ksampler_workflow(info: str, ckpt_name: str, note: str, note_height: int, latent_type: str, size: int,
+                      cfg: float, scheduler: str, prefix: str, flux_guidance: float | None = None) -> dict:
+    """InfSplign (KSampler) between a checkpoint and KSampler; with `flux_guidance`, FluxGuidance
+    on the positive prompt (Flux.1-dev at cfg 1)."""
+    w = Workflow(info)
+    ckpt = w.node("CheckpointLoaderSimple", (X[0], 80), (320, 100), [ckpt_name])
     t = prompt_and_parse(w, (ckpt, 1), "a cat to the left of a dog", X[1], 230)
-    w.note((X[0], 440), (320, 240),
-           "**InfSplign, SD1.5 + KSampler**\n\nNeeds `models/checkpoints/v1-5-pruned-emaonly.safetensors` "
-           "(any SD1.x checkpoint works).\n\nWrite the prompt once in *Prompt*: it feeds the positive "
-           "encoder and *Spatial Relation Parse*. *InfSplign (KSampler)* patches the model for the "
-           "first 25 % of the steps. To compare, feed KSampler the checkpoint's MODEL at the same seed.")
-    latent = w.node("EmptyLatentImage", (X[1], 670), (320, 110), [512, 512, 1])
+    w.note((X[0], 440), (320, note_height), note)
+    latent = w.node(latent_type, (X[1], 670), (320, 110), [size, size, 1])
     apply = w.node("InfSplignApply", (X[2], 80), (320, 310), list(GUIDANCE_DEFAULTS))
-    sampler = w.node("KSampler", (X[3], 80), (320, 270), [42, "fixed", 20, 7.0, "euler", "normal", 1.0])
+    sampler = w.node("KSampler", (X[3], 80), (320, 270), [42, "fixed", 20, cfg, "euler", scheduler, 1.0])
     decode = w.node("VAEDecode", (X[4], 80), (210, 50))
-    save = w.node("SaveImage", (X[5], 80), (420, 460), ["infsplign/sd15"])
+    save = w.node("SaveImage", (X[5], 80), (420, 460), [prefix])
+    positive = (t["pos"], 0)
+    if flux_guidance is not None:
+        flux = w.node("FluxGuidance", (X[2], 430), (320, 60), [flux_guidance])
+        w.link(t["pos"], 0, flux, "conditioning")
+        positive = (flux, 0)
     w.link(ckpt, 0, apply, "model")
     w.link(t["parse"], 0, apply, "relations")
     w.link(apply, 0, sampler, "model")
-    w.link(t["pos"], 0, sampler, "positive")
+    w.link(*positive, sampler, "positive")
     w.link(t["neg"], 0, sampler, "negative")
     w.link(latent, 0, sampler, "latent_image")
     w.link(sampler, 0, decode, "samples")
@@ -84,23 +88,32 @@ def sd15_ksampler() -> dict:
     return w.to_json()
 
 
-def sdxl_guider_custom_sampler() -> dict:
-    w = Workflow("InfSplign on SDXL with InfSplign Guider and SamplerCustomAdvanced.")
-    ckpt = w.node("CheckpointLoaderSimple", (X[0], 80), (320, 100), ["sd_xl_base_1.0.safetensors"])
-    t = prompt_and_parse(w, (ckpt, 1), "a red apple to the right of a blue cup", X[1], 230)
-    w.note((X[0], 440), (320, 240),
-           "**InfSplign, SDXL + SamplerCustomAdvanced**\n\nNeeds `models/checkpoints/sd_xl_base_1.0.safetensors` "
-           "(any SDXL checkpoint works).\n\n*InfSplign Guider* is a CFG guider (cfg is set on it) that "
-           "also applies the spatial guidance; plug it into any sampler and sigmas. orthogonal = auto "
-           "is off on SDXL.")
-    latent = w.node("EmptyLatentImage", (X[1], 670), (320, 110), [1024, 1024, 1])
-    guider = w.node("InfSplignGuider", (X[2], 80), (320, 340), [7.0, *GUIDANCE_DEFAULTS])
+def sd15_ksampler() -> dict:
+    return ksampler_workflow(
+        "InfSplign on SD1.5 with KSampler: the relation in the prompt guides where the objects go.",
+        "v1-5-pruned-emaonly.safetensors",
+        "**InfSplign, SD1.5 + KSampler**\n\nNeeds `models/checkpoints/v1-5-pruned-emaonly.safetensors` "
+        "(any SD1.x checkpoint works).\n\nWrite the prompt once in *Prompt*: it feeds the positive "
+        "encoder and *Spatial Relation Parse*. *InfSplign (KSampler)* patches the model for the "
+        "first 25 % of the steps. To compare, feed KSampler the checkpoint's MODEL at the same seed.",
+        240, "EmptyLatentImage", 512, 7.0, "normal", "infsplign/sd15")
+
+
+def guider_custom_sampler(info: str, ckpt_name: str, text: str, note: str, latent_type: str, cfg: float,
+                          scheduler: str, steps: int, prefix: str) -> dict:
+    """InfSplign Guider with SamplerCustomAdvanced (RandomNoise, KSamplerSelect, BasicScheduler)."""
+    w = Workflow(info)
+    ckpt = w.node("CheckpointLoaderSimple", (X[0], 80), (320, 100), [ckpt_name])
+    t = prompt_and_parse(w, (ckpt, 1), text, X[1], 230)
+    w.note((X[0], 440), (320, 240 if latent_type == "EmptyLatentImage" else 260), note)
+    latent = w.node(latent_type, (X[1], 670), (320, 110), [1024, 1024, 1])
+    guider = w.node("InfSplignGuider", (X[2], 80), (320, 340), [cfg, *GUIDANCE_DEFAULTS])
     noise = w.node("RandomNoise", (X[2], 470), (320, 90), [42, "fixed"])
     select = w.node("KSamplerSelect", (X[2], 610), (320, 60), ["euler"])
-    sigmas = w.node("BasicScheduler", (X[2], 720), (320, 110), ["normal", 20, 1.0])
+    sigmas = w.node("BasicScheduler", (X[2], 720), (320, 110), [scheduler, steps, 1.0])
     sampler = w.node("SamplerCustomAdvanced", (X[3], 80), (320, 330), [])
     decode = w.node("VAEDecode", (X[4], 80), (210, 50))
-    save = w.node("SaveImage", (X[5], 80), (420, 460), ["infsplign/sdxl"])
+    save = w.node("SaveImage", (X[5], 80), (420, 460), [prefix])
     w.link(ckpt, 0, guider, "model")
     w.link(t["pos"], 0, guider, "positive")
     w.link(t["neg"], 0, guider, "negative")
@@ -115,6 +128,16 @@ def sdxl_guider_custom_sampler() -> dict:
     w.link(ckpt, 2, decode, "vae")
     w.link(decode, 0, save, "images")
     return w.to_json()
+
+
+def sdxl_guider_custom_sampler() -> dict:
+    return guider_custom_sampler(
+        "InfSplign on SDXL with InfSplign Guider and SamplerCustomAdvanced.", "sd_xl_base_1.0.safetensors",
+        "a red apple to the right of a blue cup",
+        "**InfSplign, SDXL + SamplerCustomAdvanced**\n\nNeeds `models/checkpoints/sd_xl_base_1.0.safetensors` "
+        "(any SDXL checkpoint works).\n\n*InfSplign Guider* is a CFG guider (cfg is set on it) that "
+        "also applies the spatial guidance; plug it into any sampler and sigmas. orthogonal = auto "
+        "is off on SDXL.", "EmptyLatentImage", 7.0, "normal", 20, "infsplign/sdxl")
 
 
 def sd15_lora_controlnet() -> dict:
@@ -248,65 +271,25 @@ def demo_model_refine() -> dict:
 
 
 def flux_dev_ksampler() -> dict:
-    w = Workflow("InfSplign on Flux.1-dev with KSampler: cfg 1, the guidance value set by FluxGuidance.")
-    ckpt = w.node("CheckpointLoaderSimple", (X[0], 80), (320, 100), ["flux1-dev-fp8.safetensors"])
-    t = prompt_and_parse(w, (ckpt, 1), "a cat to the left of a dog", X[1], 230)
-    w.note((X[0], 440), (320, 260),
-           "**InfSplign, Flux.1-dev + KSampler**\n\nNeeds `models/checkpoints/flux1-dev-fp8.safetensors` "
-           "(the checkpoint with its CLIP-L, T5 and VAE inside).\n\nFlux.1-dev samples at cfg 1 with "
-           "*FluxGuidance* on the positive prompt; the negative is not used. *Spatial Relation Parse* "
-           "reads the prompt's T5 tokens. The defaults are the UNet's numbers, not yet tuned on Flux.")
-    flux = w.node("FluxGuidance", (X[2], 430), (320, 60), [3.5])
-    latent = w.node("EmptySD3LatentImage", (X[1], 670), (320, 110), [1024, 1024, 1])
-    apply = w.node("InfSplignApply", (X[2], 80), (320, 310), list(GUIDANCE_DEFAULTS))
-    sampler = w.node("KSampler", (X[3], 80), (320, 270), [42, "fixed", 20, 1.0, "euler", "simple", 1.0])
-    decode = w.node("VAEDecode", (X[4], 80), (210, 50))
-    save = w.node("SaveImage", (X[5], 80), (420, 460), ["infsplign/flux"])
-    w.link(ckpt, 0, apply, "model")
-    w.link(t["parse"], 0, apply, "relations")
-    w.link(t["pos"], 0, flux, "conditioning")
-    w.link(apply, 0, sampler, "model")
-    w.link(flux, 0, sampler, "positive")
-    w.link(t["neg"], 0, sampler, "negative")
-    w.link(latent, 0, sampler, "latent_image")
-    w.link(sampler, 0, decode, "samples")
-    w.link(ckpt, 2, decode, "vae")
-    w.link(decode, 0, save, "images")
-    return w.to_json()
+    return ksampler_workflow(
+        "InfSplign on Flux.1-dev with KSampler: cfg 1, the guidance value set by FluxGuidance.",
+        "flux1-dev-fp8.safetensors",
+        "**InfSplign, Flux.1-dev + KSampler**\n\nNeeds `models/checkpoints/flux1-dev-fp8.safetensors` "
+        "(the checkpoint with its CLIP-L, T5 and VAE inside).\n\nFlux.1-dev samples at cfg 1 with "
+        "*FluxGuidance* on the positive prompt; the negative is not used. *Spatial Relation Parse* "
+        "reads the prompt's T5 tokens. The defaults are the UNet's numbers, not yet tuned on Flux.",
+        260, "EmptySD3LatentImage", 1024, 1.0, "simple", "infsplign/flux", flux_guidance=3.5)
 
 
 def sd35_guider_custom_sampler() -> dict:
-    w = Workflow("InfSplign on SD3.5 Medium with InfSplign Guider and SamplerCustomAdvanced.")
-    ckpt = w.node("CheckpointLoaderSimple", (X[0], 80), (320, 100),
-                  ["sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"])
-    t = prompt_and_parse(w, (ckpt, 1), "a red apple to the right of a blue cup", X[1], 230)
-    w.note((X[0], 440), (320, 260),
-           "**InfSplign, SD3.5 + SamplerCustomAdvanced**\n\nNeeds "
-           "`models/checkpoints/sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors` (SD3.5 Large works "
-           "too).\n\n*Spatial Relation Parse* reads the prompt's CLIP-L, CLIP-G and T5 tokens. The "
-           "defaults are the UNet's numbers, not yet tuned on SD3.5.")
-    latent = w.node("EmptySD3LatentImage", (X[1], 670), (320, 110), [1024, 1024, 1])
-    guider = w.node("InfSplignGuider", (X[2], 80), (320, 340), [4.5, *GUIDANCE_DEFAULTS])
-    noise = w.node("RandomNoise", (X[2], 470), (320, 90), [42, "fixed"])
-    select = w.node("KSamplerSelect", (X[2], 610), (320, 60), ["euler"])
-    sigmas = w.node("BasicScheduler", (X[2], 720), (320, 110), ["sgm_uniform", 30, 1.0])
-    sampler = w.node("SamplerCustomAdvanced", (X[3], 80), (320, 330), [])
-    decode = w.node("VAEDecode", (X[4], 80), (210, 50))
-    save = w.node("SaveImage", (X[5], 80), (420, 460), ["infsplign/sd35"])
-    w.link(ckpt, 0, guider, "model")
-    w.link(t["pos"], 0, guider, "positive")
-    w.link(t["neg"], 0, guider, "negative")
-    w.link(t["parse"], 0, guider, "relations")
-    w.link(ckpt, 0, sigmas, "model")
-    w.link(noise, 0, sampler, "noise")
-    w.link(guider, 0, sampler, "guider")
-    w.link(select, 0, sampler, "sampler")
-    w.link(sigmas, 0, sampler, "sigmas")
-    w.link(latent, 0, sampler, "latent_image")
-    w.link(sampler, 0, decode, "samples")
-    w.link(ckpt, 2, decode, "vae")
-    w.link(decode, 0, save, "images")
-    return w.to_json()
+    return guider_custom_sampler(
+        "InfSplign on SD3.5 Medium with InfSplign Guider and SamplerCustomAdvanced.",
+        "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors", "a red apple to the right of a blue cup",
+        "**InfSplign, SD3.5 + SamplerCustomAdvanced**\n\nNeeds "
+        "`models/checkpoints/sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors` (SD3.5 Large works "
+        "too).\n\n*Spatial Relation Parse* reads the prompt's CLIP-L, CLIP-G and T5 tokens. The "
+        "defaults are the UNet's numbers, not yet tuned on SD3.5.", "EmptySD3LatentImage", 4.5, "sgm_uniform", 30,
+        "infsplign/sd35")
 
 
 WORKFLOWS = {

@@ -1,6 +1,8 @@
-"""What the compatibility tests (test_compat.py, test_compat_conditioning.py) share: one
-executor session per module whose graphs run once each (Runner, the `run` fixture), the
-LoRA and ControlNet files for the SD1.x test model, and the checks every case makes."""
+"""What the tier-3 workflow tests share (test_compat.py, test_compat_conditioning.py, and
+test_memory, test_reference_latents, test_layout_boxes, test_refine): one executor session
+per module whose graphs run once each (Runner, the `run` fixture), the LoRA and ControlNet
+files for the SD1.x test model and the graph edits that add them, and the checks every
+compatibility case makes."""
 from __future__ import annotations
 
 import json
@@ -100,3 +102,29 @@ def positive(g: dict, node_id: str, node: dict) -> dict:
 def combine(g: dict, a, b, node_id: str = "combine") -> dict:
     return positive(g, node_id, {"class_type": "ConditioningCombine",
                                  "inputs": {"conditioning_1": list(a), "conditioning_2": list(b)}})
+
+
+def with_lora(g: dict, strength: float = 1.0) -> dict:
+    g["lora"] = {"class_type": "LoraLoader", "inputs": {
+        "model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": LORA,
+        "strength_model": strength, "strength_clip": strength}}
+    for node in g.values():
+        inputs = node["inputs"]
+        if inputs.get("model") == ["ckpt", 0] and node["class_type"] != "BasicScheduler" and node is not g["lora"]:
+            inputs["model"] = ["lora", 0]
+        if inputs.get("clip") == ["ckpt", 1] and node is not g["lora"]:
+            inputs["clip"] = ["lora", 1]
+    return g
+
+
+def with_controlnet(g: dict, color: int = 0xFFFFFF, strength: float = 1.0) -> dict:
+    g["cn_load"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": CONTROLNET}}
+    g["cn_hint"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color}}
+    consumer = cond_consumer(g)
+    g["cn_apply"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": g[consumer]["inputs"]["positive"], "negative": g[consumer]["inputs"]["negative"],
+        "control_net": ["cn_load", 0], "image": ["cn_hint", 0], "strength": strength,
+        "start_percent": 0.0, "end_percent": 1.0}}
+    g[consumer]["inputs"]["positive"] = ["cn_apply", 0]
+    g[consumer]["inputs"]["negative"] = ["cn_apply", 1]
+    return g

@@ -14,26 +14,13 @@ from __future__ import annotations
 
 import pytest
 
-from compat_runs import (CONTROLNET, LORA, PATHS, SD1, STEPS, assert_guided, base, combine, differs,  # noqa: F401
-                         model_files, run)
-from graphs import cond_consumer, insert_model_patch, set_latent, workflow
+from compat_runs import (PATHS, SD1, STEPS, assert_guided, base, combine, differs, model_files,  # noqa: F401
+                         run, with_controlnet, with_lora)
+from graphs import insert_model_patch, set_latent, workflow
 
 pytestmark = pytest.mark.host
 
 # -- LoRA and ControlNet --------------------------------------------------------------
-
-def with_lora(g: dict, strength: float = 1.0) -> dict:
-    g["lora"] = {"class_type": "LoraLoader", "inputs": {
-        "model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": LORA,
-        "strength_model": strength, "strength_clip": strength}}
-    for node in g.values():
-        inputs = node["inputs"]
-        if inputs.get("model") == ["ckpt", 0] and node["class_type"] != "BasicScheduler" and node is not g["lora"]:
-            inputs["model"] = ["lora", 0]
-        if inputs.get("clip") == ["ckpt", 1] and node is not g["lora"]:
-            inputs["clip"] = ["lora", 1]
-    return g
-
 
 @pytest.mark.parametrize("path", PATHS)
 def test_lora(run, path):
@@ -47,19 +34,6 @@ def test_lora(run, path):
     assert differs(guided_lora.latent, guided.latent)  # the LoRA's effect, under guidance
     assert guided_lora.reports[0].loss != pytest.approx(guided.reports[0].loss, rel=1e-4)
     assert differs(guided_lora.latent, plain_lora.latent)  # guidance still acts with the LoRA
-
-
-def with_controlnet(g: dict, color: int = 0xFFFFFF, strength: float = 1.0) -> dict:
-    g["cn_load"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": CONTROLNET}}
-    g["cn_hint"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color}}
-    consumer = cond_consumer(g)
-    g["cn_apply"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
-        "positive": g[consumer]["inputs"]["positive"], "negative": g[consumer]["inputs"]["negative"],
-        "control_net": ["cn_load", 0], "image": ["cn_hint", 0], "strength": strength,
-        "start_percent": 0.0, "end_percent": 1.0}}
-    g[consumer]["inputs"]["positive"] = ["cn_apply", 0]
-    g[consumer]["inputs"]["negative"] = ["cn_apply", 1]
-    return g
 
 
 @pytest.mark.parametrize("path", PATHS)

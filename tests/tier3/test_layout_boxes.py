@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from graphs import workflow, with_plain_branch
-from test_compat import Runner, differs
+from compat_runs import Runner, differs
 from test_robustness import assert_nothing_left, leftovers
 
 pytestmark = pytest.mark.host

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from graphs import insert_model_patch, workflow
-from test_compat import Runner, model_files, with_controlnet, with_lora  # noqa: F401  (model_files: a fixture)
+from compat_runs import Runner, model_files, with_controlnet, with_lora  # noqa: F401  (model_files: a fixture)
 from test_robustness import assert_nothing_left, leftovers, loaded_pack
 
 pytestmark = pytest.mark.host

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from graphs import insert_model_patch, workflow
-from test_compat import Runner, model_files, with_controlnet, with_lora  # noqa: F401  (model_files: a fixture)
+from compat_runs import Runner, model_files, with_controlnet, with_lora  # noqa: F401  (model_files: a fixture)
 
 pytestmark = pytest.mark.host
 FILE = Path(__file__).with_name("reference_latents.safetensors")
