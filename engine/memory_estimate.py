@@ -19,7 +19,6 @@ per call (memory_modes adds a margin for what is not counted).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -57,22 +56,14 @@ def attention_override(kind: str):
     """An optimized_attention_override computing attention as `kind` keeps it."""
     def override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
                  skip_output_reshape=False, **kwargs):
-        if mask is not None:
+        if mask is not None or skip_reshape or skip_output_reshape:
             return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
                         skip_output_reshape=skip_output_reshape, **kwargs)
-        if skip_reshape:  # (B, H, L, D), as Flux's blocks call it: the same memory as (B, L, H * D)
-            q, k, v = (t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1) for t in (q, k, v))
-        else:  # (SD3 hands v as (B, L, H, D))
-            q, k, v = (t.reshape(t.shape[0], t.shape[1], -1) if t.dim() == 4 else t for t in (q, k, v))
         if kind == "efficient":
-            out = efficient_attention(q, k, v, heads)
-        else:
-            upcast = attn_precision == torch.float32
-            out = torch.cat([math_attention(q[:, i:i + MATH_CHUNK], k, v, heads, upcast)
-                             for i in range(0, q.shape[1], MATH_CHUNK)], dim=1)
-        if skip_output_reshape:
-            return out.view(out.shape[0], out.shape[1], heads, -1).transpose(1, 2)
-        return out
+            return efficient_attention(q, k, v, heads)
+        upcast = attn_precision == torch.float32
+        return torch.cat([math_attention(q[:, i:i + MATH_CHUNK], k, v, heads, upcast)
+                          for i in range(0, q.shape[1], MATH_CHUNK)], dim=1)
     return override
 
 
@@ -93,13 +84,8 @@ def count_step(twin: Twin, batch: int, latent_hw: tuple[int, int], mode: str, at
     if mode not in ("fast", "low") or attention not in ATTENTION:
         raise ValueError(f"mode {mode!r} / attention {attention!r}: fast|low, {'|'.join(ATTENTION)}")
     network, family = twin.module, twin.family
-    # the counted context holds the objects' rows (a short prompt of a model whose text is not
-    # padded, such as Chroma's, may have fewer rows than the probe's positions: a few rows more)
-    tokens = max(tokens, 1 + max(t for item in relations.items for t in (*item.tokens_a, *item.tokens_b)))
-    if relations.sequence_length != tokens:  # (an MMDiT capture reads the text rows from it)
-        relations = dataclasses.replace(relations, sequence_length=tokens)
     store = CaptureStore(relations, layers)
-    store.immediate, store.latent_hw = mode == "low", tuple(latent_hw)
+    store.immediate = mode == "low"
     units = family.recompute_units(network, layers) if mode == "low" else []
 
     def replaying(on: bool) -> None:

@@ -335,8 +335,8 @@ class MMDiTFamily(ModelFamily):
         plan does not know the cfg; at cfg 1 the count is a little high), or in the batched
         design one forward of both rows' worth with autograd."""
         from . import memory as mmdit_memory
-        config = spec.config["config"]
-        twin = mmdit_memory.meta_twin(type(config)(dict(config.unet_config)), spec.dtype)
+        own = self.twin(spec)
+        twin = mmdit_memory.Twin(own.module, own.dtype, own.device)
         blocks = [_block(layer) for layer in layers]
         if batched:
             return mmdit_memory.count_step(twin, mode, blocks, 2 * batch, latent_hw, tokens, real_cfg=False)
