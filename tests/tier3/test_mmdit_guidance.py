@@ -80,7 +80,9 @@ def _reports(host, graph, caplog):
     return [r.infsplign for r in caplog.records if hasattr(r, "infsplign")]
 
 
-@pytest.mark.parametrize("topology", TOPOLOGIES)
+# Flux.1-schnell is Flux.1-dev without the guidance embedding: the same blocks, capture and
+# guided step, checked in every test above; the loss-reduction measure runs on the other three.
+@pytest.mark.parametrize("topology", ["flux_dev", "chroma", "sd3"])
 def test_guidance_lowers_the_spatial_loss_on_most_prompts(host, mmdit_files, topology, caplog):
     """The thesis' loss-reduction measure on 24 prompt x seed pairs: the spatial loss of the
     window's last step is lower guided than unguided (strength 0: the same maps, observed)
