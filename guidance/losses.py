@@ -197,15 +197,30 @@ class Terms:
     per_image: dict[str, Tensor]
 
 
+def box_map_sizes(sizes: Sequence[Sequence[int]]) -> frozenset[tuple[int, int]]:
+    """The map sizes (h, w) the box terms read: every captured size but the coarsest when the
+    step's maps come at more than one size. On a map a few cells wide a box covers about one
+    cell, its peak cannot lie inside it, and the term keeps pulling the object against the box
+    (on the demo model the UNet's coarse 4 x 4 maps bent shapes and pressed near objects into
+    each other without placing more; demo_world/tuning_log.txt). One size (an MMDiT's token
+    grid, or one UNet level captured) is always read."""
+    unique = {(int(h), int(w)) for h, w in sizes}
+    if len(unique) > 1:
+        unique.discard(min(unique, key=lambda hw: hw[0] * hw[1]))
+    return frozenset(unique)
+
+
 def objective_terms(layers: Sequence[tuple[str, Tensor]], objective: Objective, s: LossSettings) -> Terms:
     """The objective on a step's maps: per layer the relation terms times relation_weight,
-    plus the presence, separation and box terms times their weights; the loss is the mean
+    plus the presence, separation and box terms times their weights (the box terms on the
+    layers of box_map_sizes); the loss is the mean
     over layers, summed over the batch. `layers`: (level, maps) of one layer (B, K, h, w) or
     of a group of layers with equal maps (L, B, K, h, w) each (capture.CaptureStore.take),
     computed a group at a time."""
     if not layers:
         raise ValueError("no attention maps were captured for this step.")
     totals, parts = [], {}
+    boxed = box_map_sizes([maps.shape[-2:] for _, maps in layers]) if objective.has_boxes else frozenset()
 
     def part(name: str, value: Tensor) -> None:
         parts.setdefault(name, []).append(value)
@@ -225,11 +240,13 @@ def objective_terms(layers: Sequence[tuple[str, Tensor]], objective: Objective, 
             term = objective.separation * _per_image(separation_loss, maps, objective.objects)
             part("separation", term)
             total = total + term
-        if objective.has_boxes:
+        if tuple(maps.shape[-2:]) in boxed:
             term = objective.box_weight * _per_image(box_layer_loss, maps, objective.box_slots, objective.boxes,
                                                      objective.box_loss)
             part("boxes", term)
             total = total + term
+        elif boxed:  # a layer the box terms skip counts as 0 in their mean, as in the loss's
+            part("boxes", torch.zeros_like(total))
         totals.append(total)
     mean = (lambda ts: (ts[0] if len(ts) == 1 else torch.cat(ts)).mean(dim=0))  # noqa: E731
     return Terms(mean(totals).sum(), {name: mean(values) for name, values in parts.items()})

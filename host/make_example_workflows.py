@@ -28,7 +28,7 @@ from workflow_graph import FREE, MINIMAP, TITLE, Workflow, template_view, view  
 GUIDANCE_DEFAULTS = [1000.0, "sigmoid", 8.0, 0.0, "auto", 1.0, 1.0, 0.0, 0.25, False, 1.0, "auto"]
 PARSE_DEFAULTS = ["", "from text", "", ""]  # object_a, relation, object_b: read from the text; no objects list
 # InfSplign Layout Boxes at its defaults (nodes/layout_node.DEFAULTS): injection .. box_end_percent.
-LAYOUT_DEFAULTS = [6.0, 0.2, "peak", 1.0, 0.5]
+LAYOUT_DEFAULTS = [6.0, 0.1, "peak", 1.5, 0.5]
 # InfSplign Refine at its defaults (nodes/refine_node.DEFAULTS, then its optional inputs' defaults).
 REFINE_DEFAULTS = [1.0, 0.5, 0.0, 0.4, 50, 0.05, False, 30.0, 0.5, 1.0, "auto"]
 # Workflow d's guidance settings for the demo model (its maps read at temperature 8).

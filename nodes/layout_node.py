@@ -16,7 +16,7 @@ CATEGORY = "conditioning/InfSplign"
 # Shipped defaults: chosen on the demo model's tuning prompts and seeds of three layout sets
 # (demo/evaluate_boxes.py --tune), by the rule "most objects in their boxes with shapes intact"
 # (with the maps read at temperature 32 as workflow e does; tuning_log in demo_world/).
-DEFAULTS = {"injection": 6.0, "injection_end_percent": 0.2, "box_loss": "peak", "box_weight": 1.0,
+DEFAULTS = {"injection": 6.0, "injection_end_percent": 0.1, "box_loss": "peak", "box_weight": 1.5,
             "box_end_percent": 0.5}
 
 

@@ -6,7 +6,8 @@ import torch
 
 from infsplign.guidance.boxes import (Box, BoxError, LayoutSettings, box_layer_loss, box_masks, injection_bias,
                                       injection_delta, inside_share, parse_boxes, plan_boxes)
-from infsplign.guidance.losses import LossSettings, Objective, Pair, objective_loss, step_loss
+from infsplign.guidance.losses import (LossSettings, Objective, Pair, box_map_sizes, objective_loss, objective_terms,
+                                      step_loss)
 
 
 def test_boxes_are_read_as_data():
@@ -93,6 +94,26 @@ def test_objective_adds_weighted_box_terms_to_the_relation_terms():
     assert torch.allclose(with_boxes, want)
     assert Objective().empty and not Objective(pairs).empty and Objective((), (0,), boxes[:1], "ilgd", 1.0).has_boxes
     assert Objective((), (0,), boxes[:1], "none", 1.0).empty
+
+
+def test_box_terms_skip_the_coarsest_maps_when_finer_ones_are_captured():
+    """Coarse 4 x 4 and mid 8 x 8 maps (a UNet's two default levels): the box terms read the
+    8 x 8 maps only; one size alone (an MMDiT's token grid, one level) is always read."""
+    assert box_map_sizes([(4, 4), (8, 8), (8, 8)]) == {(8, 8)}
+    assert box_map_sizes([(4, 4)]) == {(4, 4)}
+    assert box_map_sizes([(8, 8), (16, 16), (4, 4)]) == {(8, 8), (16, 16)}
+    torch.manual_seed(0)
+    coarse, mid = torch.rand(1, 2, 4, 4), torch.rand(1, 2, 8, 8)
+    boxes = (Box("a", 0, 0, 0.3, 0.3), Box("b", 0.7, 0.7, 1, 1))
+    objective = Objective((), (0, 1), boxes, "peak", 1.0)
+    s = LossSettings()
+    both = objective_terms([("coarse", coarse), ("mid", mid)], objective, s)
+    mid_term = box_layer_loss(mid, (0, 1), boxes, "peak")
+    # the loss is the mean over the two layers, the coarse one contributing nothing
+    assert torch.allclose(both.loss, mid_term.sum() / 2)
+    assert torch.allclose(both.per_image["boxes"], mid_term / 2)  # as the loss weighs it
+    assert torch.allclose(objective_terms([("coarse", coarse)], objective, s).loss,
+                          box_layer_loss(coarse, (0, 1), boxes, "peak").sum())
 
 
 def test_injection_biases_only_the_object_columns_inside_the_box():
