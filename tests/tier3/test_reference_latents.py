@@ -10,7 +10,9 @@ ControlNet, layout boxes, InfSplign Refine, a batch of two and other loss settin
 
 - Runs whose computation is unchanged by design (plain, strength 0, capture only) must be
   bitwise equal to the reference when the machine computes as the recording one did
-  (same torch version and CPU kernels); elsewhere the rounding tolerance below applies.
+  (same torch version, CPU kernels and CPU model: two CPUs that report the same kernels
+  still round differently); elsewhere the rounding tolerance below applies. On any
+  machine, strength 0 and capture alone are bitwise equal to plain sampling in the same run.
 - Guided runs: max |latent - reference| <= 1e-4 * max |reference| (float32); also with the
   cond and uncond rows in one forward with autograd (the design a GPU picks when memory
   allows), against the same references.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -117,14 +120,37 @@ def cases() -> dict[str, tuple[str, callable]]:
 CASES = cases()
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
-    """What decides the bits of a CPU float32 result: torch's version and its CPU kernels."""
-    return f"torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()}"
+    """What decides the bits of a CPU float32 result: torch's version, its CPU kernels and the
+    CPU that runs them."""
+    return f"torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()}, {cpu_model()}"
 
 
 @pytest.fixture(scope="module")
 def run(host, checkpoints, model_files):  # noqa: F811
     return Runner(host)
+
+
+@pytest.fixture(scope="module")
+def latents(run):
+    """name -> final latent of that case, each case run once per module."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def latent(name: str) -> torch.Tensor:
+        if name not in cache:
+            cache[name] = run(CASES[name][1]()).latent.float().contiguous()
+        return cache[name]
+    return latent
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +168,9 @@ def reference():
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_latents_equal_the_reference(run, reference, name):
-    kind, build = CASES[name]
-    latent = run(build()).latent.float().contiguous()
+def test_latents_equal_the_reference(latents, reference, name):
+    kind = CASES[name][0]
+    latent = latents(name)
     assert torch.isfinite(latent).all()
     if RECORD:
         reference[name] = latent
@@ -158,6 +184,16 @@ def test_latents_equal_the_reference(run, reference, name):
         if os.environ.get("INFSPLIGN_SHOW_ERRORS"):
             print(f"\n{name}: max error {float(error):.3g} = {float(error / want.abs().max()):.2e} of max |latent|")
         assert error <= TOLERANCE * want.abs().max(), f"{name}: max error {error:.3g}, limit {TOLERANCE * want.abs().max():.3g}"
+
+
+UNCHANGED = [(f"{t}-{p}-{k}", f"{t}-{p}-plain") for t in ("sd1", "sd2v", "sdxl") for p in ("ksampler", "custom")
+             for k in ("strength0", "capture")]
+
+
+@pytest.mark.parametrize("name,plain", UNCHANGED)
+def test_strength0_and_capture_alone_are_bitwise_plain_sampling(latents, name, plain):
+    """Machine-independent: the same run computes both, so the bits must agree anywhere."""
+    assert torch.equal(latents(name), latents(plain)), (latents(name) - latents(plain)).abs().max()
 
 
 ONE_FORWARD = ["sd1-ksampler-fast", "sd2v-custom-fast", "sdxl-ksampler-fast", "lora-custom-fast",
