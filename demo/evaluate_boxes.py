@@ -49,9 +49,6 @@ RELATION_SETTINGS = {"strength": 30.0, "loss": "gelu", "alpha": 2.0, "margin": 0
 # Workflow e's InfSplign (KSampler) settings: workflow d's with the maps read at temperature 32.
 BOX_SETTINGS = {**RELATION_SETTINGS, "temperature": 32.0}
 OFF = {"injection": 0.0, "injection_end_percent": 0.0, "box_loss": "none", "box_weight": 0.0, "box_end_percent": 0.0}
-# Tuning noise seeds: one seed gives only the batch's four initial noises, shared by every
-# prompt, and a setting tuned on one seed was seen to fit those four (demo_world/tuning_log.txt).
-TUNING_NOISE_SEEDS = (2000, 2001, 2002)
 # A grid around the shipped defaults (demo_world/tuning_log.txt has every row tried).
 TUNING_GRID = {"injection": (6.0, 9.0), "injection_end_percent": (0.1, 0.2), "box_loss": ("peak",),
                "box_weight": (1.0, 1.5)}
@@ -249,8 +246,9 @@ def main() -> int:
     ap.add_argument("--layouts", default="object-sized,wide,near", help="layout sets, comma-separated")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--tune-prompts", type=int, default=48)
-    ap.add_argument("--tune-seeds", default=",".join(map(str, TUNING_NOISE_SEEDS)),
-                    help="noise seeds of the tuning runs, comma-separated (each gives the batch's four noises)")
+    ap.add_argument("--tune-seeds", default="",
+                    help="noise seeds of the tuning runs, comma-separated (each gives the batch's four noises); "
+                         "default demo_world/box_evaluation.py's TUNING_NOISE_SEEDS")
     ap.add_argument("--grid", type=json.loads, default=TUNING_GRID)
     ap.add_argument("--layout", type=json.loads, default={}, help="layout settings over the node's defaults")
     ap.add_argument("--strength", type=float, default=RELATION_SETTINGS["strength"])
@@ -278,7 +276,7 @@ def main() -> int:
         return 0
 
     if a.tune:
-        seeds = [int(v) for v in a.tune_seeds.split(",") if v.strip()]
+        seeds = [int(v) for v in a.tune_seeds.split(",") if v.strip()] or list(ev.boxes.TUNING_NOISE_SEEDS)
         print(f"tuning on {a.tune_prompts} tuning box prompts x 4 seeds x noise seeds {seeds} per layout set "
               f"({', '.join(layouts)}); strength {a.strength}, guidance {BOX_SETTINGS}", flush=True)
 
