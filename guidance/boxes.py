@@ -17,6 +17,10 @@
     shape (and two near boxes' objects into each other). The peak of an object in its box
     lies in the box, so "peak" stops pulling there. Its gradient is larger for the same
     loss (the peak is a small part of the map), so its weights are smaller.
+  - "peak_centre": "peak" plus the distance from the peak's centroid to the middle half of
+    the box (0 once there). When an object forms wholly outside its box, the box's cells are
+    below the map's mean, its peak is 0 there and "peak" has no gradient at all; the
+    distance pulls such an object in from anywhere (peak_centre_terms).
 - `injection_bias`: iLGD's attention injection, softmax(q k^T / sqrt(d) + nu_t M): a bias on
   the object tokens' logits at the query positions inside their box. nu_t is nu' times each
   token's logit range over the image (per head, at this step), so nu' is the same on a
@@ -26,6 +30,7 @@ Pure torch, no ComfyUI.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -36,7 +41,8 @@ from torch import Tensor
 
 from .attention_stats import at_least_float32
 
-BOX_LOSSES = ("none", "ilgd", "maalign", "peak")
+BOX_LOSSES = ("none", "ilgd", "maalign", "peak", "peak_centre")
+CENTRE_ZONE = 0.5  # "peak_centre": the peak's centroid may lie anywhere in the middle half of the box
 MAX_BOXES = 16
 EPS = 1e-8
 
@@ -200,6 +206,8 @@ def box_layer_loss(maps: Tensor, slots: Sequence[int], boxes: Sequence[Box], kin
     if kind == "none" or not boxes:
         return total
     masks = box_masks(boxes, maps.shape[-2], maps.shape[-1], maps)
+    if kind == "peak_centre":  # all boxes at once
+        return total + peak_centre_terms(maps[:, list(slots)], masks, boxes).sum(dim=-1)
     for slot, mask in zip(slots, masks):
         a = maps[:, slot]
         if kind == "ilgd":
@@ -214,6 +222,38 @@ def box_layer_loss(maps: Tensor, slots: Sequence[int], boxes: Sequence[Box], kin
         else:
             raise ValueError(f'box loss "{kind}" is not one of {", ".join(BOX_LOSSES)}.')
     return total
+
+
+def peak_centre_terms(maps: Tensor, masks: Tensor, boxes: Sequence[Box]) -> Tensor:
+    """(B, n) "peak_centre" terms of n objects' maps (B, n, h, w) and their boxes' masks
+    (n, h, w): the "peak" term (1 - share of the peak P inside the box)^2 plus the distance
+    from P's centroid to the middle CENTRE_ZONE of its box (0 inside it). The peak term alone
+    has no gradient when the whole peak lies outside the box (the box's cells are below the
+    mean, so P is 0 there); the distance pulls such an object toward its box from anywhere,
+    and stops once its peak is centred enough, so it never presses on the box's edges."""
+    h, w = maps.shape[-2:]
+    x, y, centre, half = _centre_zone(tuple(boxes), h, w, maps.device, maps.dtype)
+    peak = (maps - maps.mean(dim=(-2, -1), keepdim=True)).clamp_min(0.0)
+    mass = peak.sum(dim=(-2, -1)).clamp_min(EPS)  # (B, n)
+    share = (peak * masks).sum(dim=(-2, -1)) / mass
+    centroid = torch.stack(((peak.sum(dim=-2) * x).sum(dim=-1), (peak.sum(dim=-1) * y).sum(dim=-1)), dim=-1)
+    centroid = centroid / mass[..., None]  # (B, n, 2) as (x, y)
+    out = ((centroid - centre).abs() - half).clamp_min(0.0)
+    distance = (out.square().sum(dim=-1) + EPS).sqrt() - EPS ** 0.5
+    return (1.0 - share) ** 2 + distance
+
+
+@functools.lru_cache(maxsize=64)
+def _centre_zone(boxes: tuple[Box, ...], h: int, w: int, device: torch.device, dtype: torch.dtype):
+    """The map cells' centres x (w,) and y (h,) as fractions of the image, and the boxes'
+    centres and CENTRE_ZONE half-sizes (n, 2): made once per run, not per step."""
+    with torch.inference_mode(False):  # normal tensors even inside inference mode: autograd saves them
+        x = ((torch.arange(w, dtype=torch.float64) + 0.5) / w).to(device=device, dtype=dtype)
+        y = ((torch.arange(h, dtype=torch.float64) + 0.5) / h).to(device=device, dtype=dtype)
+        corners = torch.tensor([b.corners for b in boxes], dtype=torch.float64)
+        centre = ((corners[:, :2] + corners[:, 2:]) / 2).to(device=device, dtype=dtype)
+        half = ((corners[:, 2:] - corners[:, :2]) / 2 * CENTRE_ZONE).to(device=device, dtype=dtype)
+    return x, y, centre, half
 
 
 def inside_share(maps: Tensor, slots: Sequence[int], boxes: Sequence[Box]) -> Tensor:

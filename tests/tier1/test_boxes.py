@@ -170,3 +170,31 @@ def test_the_peak_loss_stops_pulling_an_object_in_its_box_that_ilgd_still_grows(
     assert peak.item() == pytest.approx(0.25)
     (g,) = torch.autograd.grad(peak.sum(), logits)
     assert g[0, 1] < 0 and g[0, 2] > 0  # the cell in the box up, the one beside it down
+
+
+def test_peak_centre_pulls_an_object_formed_far_from_its_box_and_stops_in_its_middle():
+    """An object whose whole peak lies outside its box: "peak" has no gradient at all (the
+    box's cells are below the map's mean, so the peak is 0 there), "peak_centre" moves
+    attention toward the box; centred in its box, both terms are 0."""
+    box = [Box("a", 0.0, 0.0, 0.5, 0.5)]
+    bump = torch.zeros(8, 8)
+    bump[5:7, 5:7] = 1.0  # far corner
+    logits = (bump * 2.0).requires_grad_(True)
+    maps = torch.softmax(logits.flatten(), 0).view(1, 1, 8, 8)
+    (g_peak,) = torch.autograd.grad(box_layer_loss(maps, [0], box, "peak").sum(), logits, retain_graph=True)
+    assert g_peak.abs().max() == 0.0
+    term = box_layer_loss(maps, [0], box, "peak_centre")
+    # peak term 1, plus the centroid (0.75, 0.75) to the middle half [0.125, 0.375]^2: 0.375 * sqrt(2)
+    assert term.item() == pytest.approx(1.0 + 0.375 * 2 ** 0.5, abs=1e-3)
+    (g,) = torch.autograd.grad(term.sum(), logits)
+    assert g[5, 5] < 0 < g[6, 6]  # descent: the bump's cell nearer the box up, the farther one down
+    centred = torch.zeros(8, 8)
+    centred[1:3, 1:3] = 1.0
+    maps = torch.softmax((centred * 2.0).flatten(), 0).view(1, 1, 8, 8)
+    assert box_layer_loss(maps, [0], box, "peak_centre").item() == pytest.approx(0.0, abs=1e-6)
+    # several boxes at once equal each box alone
+    two = torch.stack([maps[0, 0], torch.softmax((bump * 2.0).flatten(), 0).view(8, 8)])[None]
+    boxes = [Box("a", 0.0, 0.0, 0.5, 0.5), Box("b", 0.5, 0.5, 1.0, 1.0)]
+    assert box_layer_loss(two, (1, 0), boxes[::-1], "peak_centre").item() == pytest.approx(
+        box_layer_loss(two[:, :1], [0], boxes[:1], "peak_centre").item()
+        + box_layer_loss(two[:, 1:], [0], boxes[1:], "peak_centre").item(), abs=1e-6)

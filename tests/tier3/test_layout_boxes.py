@@ -108,7 +108,7 @@ def test_box_loss_guides_the_steps_of_its_window(run, path):
     assert all(r.spatial == 0 for r in res.reports)
 
 
-@pytest.mark.parametrize("box_loss", ["ilgd", "maalign", "peak"])
+@pytest.mark.parametrize("box_loss", ["ilgd", "maalign", "peak", "peak_centre"])
 def test_box_losses_and_injection_in_low_memory_equal_fast(run, box_loss):
     fast = run(boxed("ksampler", box_loss=box_loss, strength=30.0, memory="fast", batch=2))
     low = run(boxed("ksampler", box_loss=box_loss, strength=30.0, memory="low", batch=2))
