@@ -207,7 +207,7 @@ def box_layer_loss(maps: Tensor, slots: Sequence[int], boxes: Sequence[Box], kin
         return total
     masks = box_masks(boxes, maps.shape[-2], maps.shape[-1], maps)
     if kind == "peak_centre":  # all boxes at once
-        return total + peak_centre_terms(maps[:, list(slots)], masks, boxes).sum(dim=-1)
+        return total + peak_centre_terms(_slot_maps(maps, slots), masks, boxes).sum(dim=-1)
     for slot, mask in zip(slots, masks):
         a = maps[:, slot]
         if kind == "ilgd":
@@ -222,6 +222,15 @@ def box_layer_loss(maps: Tensor, slots: Sequence[int], boxes: Sequence[Box], kin
         else:
             raise ValueError(f'box loss "{kind}" is not one of {", ".join(BOX_LOSSES)}.')
     return total
+
+
+def _slot_maps(maps: Tensor, slots: Sequence[int]) -> Tensor:
+    """maps[:, slots] (B, n, h, w): a view when the slots are consecutive (the usual case),
+    without making an index tensor on the maps' device at every step."""
+    slots = tuple(slots)
+    if slots == tuple(range(slots[0], slots[0] + len(slots))):
+        return maps[:, slots[0]:slots[0] + len(slots)]
+    return torch.stack([maps[:, s] for s in slots], dim=1)
 
 
 def peak_centre_terms(maps: Tensor, masks: Tensor, boxes: Sequence[Box]) -> Tensor:

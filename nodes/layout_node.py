@@ -83,8 +83,9 @@ class LayoutBoxes:
                              "peak: (1 - share of the object's attention above its mean that lies inside the "
                              "box)^2, which stops pulling once the object sits in its box, so shapes stay whole; "
                              "ilgd: (1 - share of the attention inside the box)^2, which keeps pulling and can grow "
-                             "objects into their box's edges; peak_centre: peak plus the distance from the object's peak to the "
-                             "middle of its box, which also pulls in objects that formed far from their box; maalign: GOAL's (1 - max inside) + max outside; "
+                             "objects into their box's edges; peak_centre: peak plus the distance from the "
+                             "object's peak to the middle of its box, which also pulls in objects that formed far "
+                             "from their box; maalign: GOAL's (1 - max inside) + max outside; "
                              "none: injection only."}),
                 "box_weight": f(DEFAULTS["box_weight"], 0.0, 1000.0, 0.1,
                                 "Weight of the box loss in the guided step (times the guidance strength)."),
