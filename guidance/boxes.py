@@ -191,12 +191,21 @@ def _beside(anchor: Box, relation: str) -> Box:
 
 
 def box_masks(boxes: Sequence[Box], h: int, w: int, like: Tensor) -> Tensor:
-    """(len(boxes), h, w): the fraction of each map cell that each box covers."""
+    """(len(boxes), h, w): the fraction of each map cell that each box covers, on `like`'s
+    device in its float32-or-wider dtype. Made once per boxes, size and device (the box
+    terms read them at every guided step); not to be changed in place."""
+    if not boxes:
+        return like.new_zeros(0, h, w)
+    return _box_masks(tuple(boxes), h, w, like.device, at_least_float32(like).dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _box_masks(boxes: tuple[Box, ...], h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     def cover(lo: float, hi: float, n: int) -> Tensor:
-        edges = torch.arange(n + 1, device=like.device, dtype=torch.float32) / n
+        edges = torch.arange(n + 1, device=device, dtype=torch.float32) / n
         return (torch.minimum(edges[1:], torch.tensor(hi)) - torch.maximum(edges[:-1], torch.tensor(lo))).clamp_min(0) * n
-    masks = [cover(b.y0, b.y1, h)[:, None] * cover(b.x0, b.x1, w)[None, :] for b in boxes]
-    return torch.stack(masks).to(at_least_float32(like).dtype) if masks else like.new_zeros(0, h, w)
+    with torch.inference_mode(False):  # normal tensors even inside inference mode: autograd saves them
+        return torch.stack([cover(b.y0, b.y1, h)[:, None] * cover(b.x0, b.x1, w)[None, :] for b in boxes]).to(dtype)
 
 
 def box_layer_loss(maps: Tensor, slots: Sequence[int], boxes: Sequence[Box], kind: str) -> Tensor:
