@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..guidance.boxes import apart_boxes
 from ..guidance.capture import CaptureStore, box_slots
 from ..guidance.losses import Objective
 from ..guidance.refine import RefineSettings
@@ -32,6 +33,11 @@ def _within(store: CaptureStore, sampling, sigma: float, start: float, end: floa
     return end > start and in_window(sigma, _sigma_at(store, sampling, start), _sigma_at(store, sampling, end))
 
 
+def loss_boxes(relations) -> tuple:
+    """The boxes the box loss reads: as drawn, near ones kept `box_margin` apart (apart_boxes)."""
+    return apart_boxes(tuple(b.box for b in relations.boxes), relations.layout.box_margin)
+
+
 def step_objective(store: CaptureStore, settings: GuidanceSettings, sampling, sigma: float) -> Objective:
     """The loss terms of the step at `sigma` (empty outside every window)."""
     relations, layout = store.relations, store.relations.layout
@@ -40,8 +46,7 @@ def step_objective(store: CaptureStore, settings: GuidanceSettings, sampling, si
              and _within(store, sampling, sigma, 0.0, layout.box_end_percent))
     if not boxed:
         return Objective(pairs)
-    return Objective(pairs, box_slots(relations), tuple(b.box for b in relations.boxes), layout.box_loss,
-                     layout.box_weight)
+    return Objective(pairs, box_slots(relations), loss_boxes(relations), layout.box_loss, layout.box_weight)
 
 
 def run_objective(store: CaptureStore, settings: GuidanceSettings | None, refine: RefineSettings | None) -> Objective:
@@ -54,7 +59,7 @@ def run_objective(store: CaptureStore, settings: GuidanceSettings | None, refine
     weight = refine.spatial if settings is None and refine is not None else 1.0
     objective = Objective(store.pairs, relation_weight=weight)
     if relations.boxes and layout.box_loss != "none" and layout.box_weight > 0:
-        objective = replace(objective, box_slots=box_slots(relations), boxes=tuple(b.box for b in relations.boxes),
+        objective = replace(objective, box_slots=box_slots(relations), boxes=loss_boxes(relations),
                             box_loss=layout.box_loss, box_weight=layout.box_weight)
     if refine is not None:
         objective = replace(objective, objects=tuple(range(len(store.groups))), presence=refine.presence,

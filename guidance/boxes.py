@@ -87,6 +87,7 @@ class LayoutSettings:
     box_loss: str = "none"
     box_weight: float = 0.0
     box_end_percent: float = 0.0
+    box_margin: float = 0.0  # the box loss reads boxes nearer than this kept this far apart (apart_boxes)
 
     def __post_init__(self):
         problems = []
@@ -100,6 +101,8 @@ class LayoutSettings:
             problems.append(f'box_loss "{self.box_loss}" is not one of {", ".join(BOX_LOSSES)}')
         if not math.isfinite(self.box_weight) or self.box_weight < 0:
             problems.append(f"box_weight is {self.box_weight}; use a number >= 0")
+        if not (math.isfinite(self.box_margin) and 0.0 <= self.box_margin <= 0.5):
+            problems.append(f"box_margin is {self.box_margin}; use a fraction of the image side in [0, 0.5] (0 = off)")
         if problems:
             raise BoxError("Layout box settings: " + "; ".join(problems) + ".")
 
@@ -188,6 +191,44 @@ def _beside(anchor: Box, relation: str) -> Box:
     x0 = min(max(anchor.x0 + dx, 0.0), 1.0 - w)
     y0 = min(max(anchor.y0 + dy, 0.0), 1.0 - h)
     return Box(anchor.object, x0, y0, x0 + w, y0 + h)
+
+
+MAX_MARGIN_SHRINK = 0.25  # apart_boxes moves a side back by at most this share of the box's extent
+
+
+@functools.lru_cache(maxsize=64)
+def apart_boxes(boxes: tuple[Box, ...], margin: float) -> tuple[Box, ...]:
+    """The boxes the box loss reads: each pair of boxes that do not overlap but lie less than
+    `margin` apart (fractions of the image) has its facing sides moved back, half the
+    shortfall each, along the axis that separates them most, so the loss pulls the two
+    objects toward their boxes' far sides and leaves a gap between them. A side moves back
+    by at most MAX_MARGIN_SHRINK of its box's extent; overlapping boxes stay as drawn (an
+    overlap is asked for). The result lies inside the boxes as drawn."""
+    if margin <= 0 or len(boxes) < 2:
+        return boxes
+    cut = [[0.0, 0.0, 0.0, 0.0] for _ in boxes]  # how far each side moves in: x0, y0, x1, y1
+    for i, p in enumerate(boxes):
+        for j, q in enumerate(boxes):
+            if j <= i:
+                continue
+            dx = max(p.x0 - q.x1, q.x0 - p.x1)
+            dy = max(p.y0 - q.y1, q.y0 - p.y1)
+            if dx < 0 and dy < 0:  # overlapping
+                continue
+            if math.hypot(max(dx, 0.0), max(dy, 0.0)) >= margin:
+                continue
+            shortfall = (margin - max(dx, dy)) / 2
+            if dx >= dy:  # side by side: p's right side faces q's left side, or the reverse
+                side_p, side_q = (0, 2) if p.x0 >= q.x1 else (2, 0)
+            else:
+                side_p, side_q = (1, 3) if p.y0 >= q.y1 else (3, 1)
+            cut[i][side_p] = max(cut[i][side_p], shortfall)
+            cut[j][side_q] = max(cut[j][side_q], shortfall)
+    out = []
+    for b, (cx0, cy0, cx1, cy1) in zip(boxes, cut):
+        w, h = (b.x1 - b.x0) * MAX_MARGIN_SHRINK, (b.y1 - b.y0) * MAX_MARGIN_SHRINK
+        out.append(Box(b.object, b.x0 + min(cx0, w), b.y0 + min(cy0, h), b.x1 - min(cx1, w), b.y1 - min(cy1, h)))
+    return tuple(out)
 
 
 def box_masks(boxes: Sequence[Box], h: int, w: int, like: Tensor) -> Tensor:

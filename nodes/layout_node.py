@@ -17,7 +17,7 @@ CATEGORY = "conditioning/InfSplign"
 # (demo/evaluate_boxes.py --tune), by the rule "most objects in their boxes with shapes intact"
 # (with the maps read at temperature 32 as workflow e does; tuning_log in demo_world/).
 DEFAULTS = {"injection": 6.0, "injection_end_percent": 0.1, "box_loss": "peak", "box_weight": 1.5,
-            "box_end_percent": 0.5}
+            "box_end_percent": 0.5, "box_margin": 0.0}
 
 
 def bind_boxes(clip, text: str, boxes_json: str, relations: SpatialRelations | None,
@@ -99,12 +99,18 @@ class LayoutBoxes:
                                   "tooltip": "The image width: the editor's aspect only."}),
                 "height": ("INT", {"default": 512, "min": 64, "max": 16384, "step": 8,
                                    "tooltip": "The image height: the editor's aspect only."}),
+                "box_margin": f(DEFAULTS["box_margin"], 0.0, 0.5, 0.01,
+                                "Boxes nearer than this (fraction of the image side) are read by the box loss with "
+                                "their facing sides moved back until they are this far apart (at most a quarter of "
+                                "a box), so two objects in near boxes stay apart. Overlapping boxes stay as "
+                                "drawn. 0 = off."),
             },
         }
 
     def layout(self, clip, text, boxes, injection, injection_end_percent, box_loss, box_weight, box_end_percent,
-               relations=None, width=512, height=512):
-        settings = LayoutSettings(injection, injection_end_percent, box_loss, box_weight, box_end_percent)
+               relations=None, width=512, height=512, box_margin=None):
+        margin = DEFAULTS["box_margin"] if box_margin is None else box_margin
+        settings = LayoutSettings(injection, injection_end_percent, box_loss, box_weight, box_end_percent, margin)
         result = bind_boxes(clip, text, boxes, relations, settings)
         summary = result.summary()
         return {"ui": {"text": [summary]}, "result": (result, summary)}

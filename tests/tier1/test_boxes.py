@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from infsplign.guidance.boxes import (Box, BoxError, LayoutSettings, box_layer_loss, box_masks, injection_bias,
-                                      injection_delta, inside_share, parse_boxes, plan_boxes)
+from infsplign.guidance.boxes import (Box, BoxError, LayoutSettings, apart_boxes, box_layer_loss, box_masks,
+                                      injection_bias, injection_delta, inside_share, parse_boxes, plan_boxes)
 from infsplign.guidance.losses import (LossSettings, Objective, Pair, box_map_sizes, objective_loss, objective_terms,
                                       step_loss)
 
@@ -45,6 +45,25 @@ def test_settings_refuse_bad_values():
         LayoutSettings(box_loss="l2")
     with pytest.raises(BoxError, match="box_end_percent is 1.5"):
         LayoutSettings(box_end_percent=1.5)
+    with pytest.raises(BoxError, match=r"box_margin is 0.8; use a fraction of the image side in \[0, 0.5\]"):
+        LayoutSettings(box_margin=0.8)
+
+
+def test_near_boxes_are_read_apart_by_the_margin_and_others_as_drawn():
+    left, right = Box("a", 0.1, 0.3, 0.4, 0.6), Box("b", 0.42, 0.3, 0.7, 0.6)
+    a, b = apart_boxes((left, right), 0.1)
+    # the facing sides move back half the shortfall each (0.08 / 2); the far sides stay
+    assert (a.x0, a.x1, b.x0, b.x1) == pytest.approx((0.1, 0.36, 0.46, 0.7))
+    assert (a.y0, a.y1, b.y0, b.y1) == (0.3, 0.6, 0.3, 0.6) and b.x0 - a.x1 == pytest.approx(0.1)
+    top, below = apart_boxes((Box("a", 0.1, 0.1, 0.4, 0.4), Box("b", 0.1, 0.43, 0.4, 0.7)), 0.1)
+    assert (top.y1, below.y0) == pytest.approx((0.365, 0.465)) and (top.x0, top.x1) == (0.1, 0.4)
+    # a side moves back at most a quarter of its box; apart enough, overlapping, margin 0: as drawn
+    a, b = apart_boxes((Box("a", 0.5, 0.3, 0.8, 0.6), Box("b", 0.1, 0.3, 0.49, 0.6)), 0.2)
+    assert a.x0 == pytest.approx(0.5 + 0.3 / 4) and b.x1 == pytest.approx(0.49 - 0.095)
+    far = (Box("a", 0.0, 0.0, 0.3, 0.3), Box("b", 0.5, 0.5, 0.9, 0.9))
+    crossing = (Box("a", 0.1, 0.1, 0.4, 0.4), Box("b", 0.3, 0.3, 0.7, 0.7))
+    assert apart_boxes(far, 0.1) == far and apart_boxes(crossing, 0.1) == crossing
+    assert apart_boxes((left, right), 0.0) == (left, right)
 
 
 def test_masks_are_the_covered_share_of_each_cell():

@@ -36,7 +36,7 @@ def run(host, checkpoints):
 def boxed(path="ksampler", boxes=BOXES, text=TEXT, ckpt=SD1, relations=False, steps=STEPS, **settings) -> dict:
     """workflow() whose guidance node reads InfSplign Layout Boxes ("layout") (relations
     merged in when `relations`)."""
-    layout = {k: settings.pop(k) for k in list(settings) if k in LAYOUT}
+    layout = {k: settings.pop(k) for k in list(settings) if k in LAYOUT or k == "box_margin"}
     g = workflow(ckpt, path, text=text, steps=steps, **settings)
     node = "apply" if path == "ksampler" else "guider"
     g["layout"] = {"class_type": "InfSplignLayout", "inputs": {
@@ -116,6 +116,18 @@ def test_box_losses_and_injection_in_low_memory_equal_fast(run, box_loss):
     assert (fast.latent - low.latent).abs().max() <= 1e-5
 
 
+def test_box_margin_reads_near_boxes_apart_and_leaves_boxes_apart_enough_as_drawn(run):
+    near = json.dumps([{"object": "cat", "box": [0.05, 0.1, 0.45, 0.6]},
+                       {"object": "dog", "box": [0.47, 0.4, 0.87, 0.9]}])
+    drawn = run(boxed(boxes=near, box_loss="peak", injection=0.0, strength=30.0, box_margin=0.0))
+    apart = run(boxed(boxes=near, box_loss="peak", injection=0.0, strength=30.0, box_margin=0.2))
+    assert differs(apart.latent, drawn.latent) and apart.reports[0].box != drawn.reports[0].box
+    assert all(r.applied and r.box > 0 for r in apart.reports) and torch.isfinite(apart.latent).all()
+    # BOXES lie 0.1 apart: a margin of 0.1 changes nothing
+    assert torch.equal(run(boxed(box_loss="peak", injection=0.0, strength=30.0, box_margin=0.1)).latent,
+                       run(boxed(box_loss="peak", injection=0.0, strength=30.0, box_margin=0.0)).latent)
+
+
 def test_boxes_and_relations_together(run):
     """Relations merged in: the step's loss has the spatial term and the box term."""
     text = "a cat to the left of a dog"
@@ -177,8 +189,6 @@ def test_bad_boxes_are_clear_errors(host, checkpoints, boxes, message):
 def test_attention_preview_draws_each_box_on_its_objects_maps(host, checkpoints):
     """The preview's map cells of a boxed run carry each object's box outline (white inside
     black) on that object's row, at the box's place in the cell."""
-    import numpy as np
-
     from test_robustness import loaded_pack
     preview, choose_steps = loaded_pack("preview.maps"), loaded_pack("guidance.trace").choose_steps
     size = 64
