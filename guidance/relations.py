@@ -10,7 +10,7 @@ import bisect
 import re
 from dataclasses import dataclass
 
-from .boxes import BoundBox, LayoutSettings
+from .boxes import BoundBox, LayoutSettings, apart_boxes
 
 # Canonical relation -> accepted phrasings (ALGORITHM.md section 1; "near" as in T2I-CompBench).
 PHRASINGS: dict[str, tuple[str, ...]] = {
@@ -312,7 +312,12 @@ class SpatialRelations:
         if self.boxes:
             s = self.layout
             lines.append(f"injection {s.injection:g} until {s.injection_end_percent:g}, box loss {s.box_loss} "
-                         f"weight {s.box_weight:g} until {s.box_end_percent:g}")
+                         f"weight {s.box_weight:g} until {s.box_end_percent:g}, margin {s.box_margin:g}")
+            drawn = tuple(b.box for b in self.boxes)
+            for box, read in zip(drawn, apart_boxes(drawn, s.box_margin)):
+                if read != box:
+                    x0, y0, x1, y1 = (round(v, 3) for v in read.corners)
+                    lines.append(f'  the box loss reads "{box.object}" as [{x0}, {y0}, {x1}, {y1}] (near another box)')
         if self.objects:
             lines.append("objects: " + ", ".join(f'"{o.object}" {list(o.tokens)}' for o in self.objects))
         lines.append(f"encoder {self.encoder}, {self.sequence_length} tokens")

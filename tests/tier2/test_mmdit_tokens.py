@@ -245,5 +245,8 @@ def test_layout_boxes_on_flux(clips):
     node = nodes.NODE_CLASS_MAPPINGS["InfSplignLayout"]()
     text = "a photo of a cat to the left of a dog"
     boxes = '[{"object": "cat", "box": [0, 0, 0.5, 1]}, {"object": "dog", "box": [0.5, 0, 1, 1]}]'
-    result = node.layout(clips["flux_dev"], text, boxes, 6.0, 0.4, "ilgd", 12.0, 0.5)["result"][0]
+    result, summary = node.layout(clips["flux_dev"], text, boxes, 6.0, 0.4, "ilgd", 12.0, 0.5)["result"]
     assert [b.tokens for b in result.boxes] == [(6,), (13,)] and result.encoder == "t5xxl"
+    # touching boxes: the summary says how the box loss reads them at the default margin (0.15)
+    assert result.layout.box_margin == 0.15 and "margin 0.15" in summary
+    assert 'reads "cat" as [0.0, 0.0, 0.425, 1.0]' in summary and 'reads "dog" as [0.575, 0.0, 1.0, 1.0]' in summary
