@@ -16,8 +16,8 @@ CATEGORY = "conditioning/InfSplign"
 # Shipped defaults: chosen on the demo model's tuning prompts and seeds of three layout sets
 # (demo/evaluate_boxes.py --tune), by the rule "most objects in their boxes with shapes intact"
 # (with the maps read at temperature 32 as workflow e does; tuning_log in demo_world/).
-DEFAULTS = {"injection": 6.0, "injection_end_percent": 0.1, "box_loss": "peak", "box_weight": 1.5,
-            "box_end_percent": 0.5, "box_margin": 0.0}
+DEFAULTS = {"injection": 6.0, "injection_end_percent": 0.1, "box_loss": "peak_centre", "box_weight": 1.5,
+            "box_end_percent": 0.5, "box_margin": 0.15}
 
 
 def bind_boxes(clip, text: str, boxes_json: str, relations: SpatialRelations | None,
