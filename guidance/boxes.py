@@ -3,6 +3,8 @@
 - `parse_boxes`: the InfSplign Layout Boxes node's JSON, read as data only and checked
   (a list of {"object": words of the prompt, "box": [x0, y0, x1, y1]}, origin top-left).
 - `plan_boxes`: boxes from relations ("A left of B": A in the left part, B in the right).
+- `apart_boxes`: the boxes as the box loss reads them, two near boxes kept `box_margin`
+  apart (their facing sides moved back), so near objects are not pulled into each other.
 - `box_masks`: each box's coverage of every cell of an attention map (fractions, so a box
   that covers a third of a 4 x 4 map's cell counts a third).
 - loss terms per box on its object's map A (h x w, >= 0) and mask M:
