@@ -16,7 +16,10 @@ MMDIT = ("flux_dev", "flux_schnell", "chroma", "sd3")
 TEXT = "a cat to the left of a dog"
 BOXES = [{"object": "cat", "box": [0.05, 0.1, 0.45, 0.6]}, {"object": "dog", "box": [0.55, 0.4, 0.95, 0.9]}]
 LAYOUT = {"injection": 6.0, "injection_end_percent": 1.0, "box_loss": "ilgd", "box_weight": 12.0,
-          "box_end_percent": 1.0}
+          "box_end_percent": 1.0, "placing_iterations": 0}
+# Layout Boxes' placing burst, counted per iteration as InfSplign Refine's (at the same step)
+PLACING = {"placing_iterations": REFINE_ITERATIONS, "placing_percent": 0.5, "box_loss": "peak_centre",
+           "box_weight": 1.5}
 REFINE = {"presence": 1.0, "separation": 0.5, "spatial": 1.0, "refine_percent": 0.5, "iterations": REFINE_ITERATIONS,
           "learning_rate": 0.05, "continuous": False, "memory": "fast"}
 
@@ -92,7 +95,13 @@ def graphs(topology: str, steps: int) -> dict:
                                            range(window, steps), None),
         "layout boxes step": (boxes, every, "split"),
         "refine iteration": (refine, "refine", "split"),
+        "layout placing iteration": (lambda s: _placing(boxes(s)), "refine", "split"),
     }
+
+
+def _placing(g: dict) -> dict:
+    g["layout"]["inputs"].update(PLACING)
+    return g
 
 
 def save_models(folder, topologies) -> None:

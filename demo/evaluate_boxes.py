@@ -13,8 +13,9 @@ world places objects), "wide" (0.24 to 0.40 of the side, anywhere), "near" (as w
 noise seed in every arm. Scores: centre in its box, IoU, OA, and shape fidelity (the share
 of objects drawn whole, of objects in their box and whole, and of images whose two objects
 touch or merged; demo_world/shape_fidelity.py). Arms: unguided; injection only
-(iLGD's attention injection, no loss); box loss only; the previous defaults (ilgd weight 12,
-injection 6 until 0.4); both (the node's shipped defaults). Graph: InfSplign Demo Model ->
+(iLGD's attention injection, no loss); box loss only (with its placing burst); the previous
+defaults (ilgd weight 12, injection 6 until 0.4, no margin, no placing burst); both without
+the placing burst; both (the node's shipped defaults). Graph: InfSplign Demo Model ->
 CLIPTextEncode, InfSplign Layout Boxes -> InfSplign (KSampler) (workflow e's settings:
 workflow d's gelu, alpha 2, margin 0.25, strength 30, with the maps read at temperature 32)
 -> KSampler (20 euler steps, cfg 5, 128 px) -> VAEDecode.
@@ -50,8 +51,7 @@ RELATION_SETTINGS = {"strength": 30.0, "loss": "gelu", "alpha": 2.0, "margin": 0
 BOX_SETTINGS = {**RELATION_SETTINGS, "temperature": 32.0}
 OFF = {"injection": 0.0, "injection_end_percent": 0.0, "box_loss": "none", "box_weight": 0.0, "box_end_percent": 0.0}
 # A grid around the shipped defaults (demo_world/tuning_log.txt has every row tried).
-TUNING_GRID = {"injection": (6.0, 9.0), "injection_end_percent": (0.1, 0.2), "box_loss": ("peak",),
-               "box_weight": (1.0, 1.5)}
+TUNING_GRID = {"placing_iterations": (10, 20), "placing_percent": (0.05, 0.1)}
 
 
 def demo_graph(text: str, seed: int) -> dict:
@@ -177,7 +177,7 @@ def brief(m: dict) -> str:
 
 # The defaults before shape fidelity was measured (tuned for centre-in-box with OA alone).
 PREVIOUS_DEFAULTS = {"injection": 6.0, "injection_end_percent": 0.4, "box_loss": "ilgd", "box_weight": 12.0,
-                     "box_end_percent": 0.5}
+                     "box_end_percent": 0.5, "box_margin": 0.0, "placing_iterations": 0}
 
 
 def arms(defaults: dict) -> dict[str, tuple[dict | None, float | None]]:
@@ -187,6 +187,7 @@ def arms(defaults: dict) -> dict[str, tuple[dict | None, float | None]]:
         "injection only": ({**OFF, "injection": d["injection"], "injection_end_percent": d["injection_end_percent"]}, 0.0),
         "box loss only": ({**d, "injection": 0.0}, RELATION_SETTINGS["strength"]),
         "previous defaults (ilgd 12, injection 6 until 0.4)": (dict(PREVIOUS_DEFAULTS), RELATION_SETTINGS["strength"]),
+        "both, no placing burst": ({**d, "placing_iterations": 0}, RELATION_SETTINGS["strength"]),
         "both (defaults)": (dict(d), RELATION_SETTINGS["strength"]),
     }
 

@@ -12,6 +12,9 @@
   guided step (guidance/step.py). With InfSplign's guidance on the same model the two join
   in that node's guided step (step_terms.with_continuous): one forward, one backward.
 
+Layout Boxes' placing burst is the same SAMPLER_SAMPLE with the box terms alone
+(with_placing, added by the guidance nodes when the layout asks for it).
+
 The capture, its patches, the memory modes and the trace are the ones of engine/hooks.py.
 What changes with the sampler: deterministic samplers (euler, heun, dpmpp_2m, ...) give the
 unrefined run's latents up to step k exactly; multistep samplers start their history again
@@ -28,6 +31,7 @@ import torch
 import comfy.samplers
 from comfy.patcher_extension import WrappersMP
 
+from ..guidance.boxes import PLACING_LEARNING_RATE
 from ..guidance.losses import LossSettings, Objective, objective_loss
 from ..guidance.refine import RefineReport, RefineSettings, refine_index, refine_latent
 from ..guidance.relations import SpatialRelations
@@ -55,7 +59,7 @@ def input_scale(sampling, sigma: torch.Tensor) -> float:
 
 
 def refine_at(guider, store, x: torch.Tensor, sigma: torch.Tensor, k: int, settings: RefineSettings,
-              model_options: dict) -> tuple[torch.Tensor, RefineReport]:
+              model_options: dict, who: str = "InfSplign Refine") -> tuple[torch.Tensor, RefineReport]:
     """The refined latent at step k (sigma), in the run's memory mode with its fallbacks."""
     inner = guider.inner_model
     sampling = inner.model_sampling
@@ -66,7 +70,7 @@ def refine_at(guider, store, x: torch.Tensor, sigma: torch.Tensor, k: int, setti
     loss_settings = guidance.loss if guidance is not None else LossSettings()
     timestep = sigma.reshape(1).to(x.device).expand(x.shape[0]).clone()
     step_terms.set_injection(store, sampling, float(sigma))
-    report = RefineReport(k, float(sigma))
+    report = RefineReport(k, float(sigma), source=who)
 
     def loss_at(xx: torch.Tensor):
         store.capturing = True
@@ -100,7 +104,9 @@ def refine_at(guider, store, x: torch.Tensor, sigma: torch.Tensor, k: int, setti
         store.last = []
 
 
-def refine_wrapper(relations: SpatialRelations, settings: RefineSettings):
+def refine_wrapper(relations: SpatialRelations, settings: RefineSettings, who: str = "InfSplign Refine"):
+    """SAMPLER_SAMPLE of a refinement burst; `who` names it in the log (InfSplign Refine, or
+    Layout Boxes' placing)."""
     def sampler_sample(executor, guider, sigmas, extra_args, callback, noise, latent_image=None,
                        denoise_mask=None, disable_pbar=False):
         def run(part, cb, start_noise):
@@ -117,7 +123,7 @@ def refine_wrapper(relations: SpatialRelations, settings: RefineSettings):
                   else f"the sampler is a {type(sampler).__name__}, not one of ComfyUI's KSAMPLERs"
                   if not isinstance(sampler, comfy.samplers.KSAMPLER) else "")
         if reason:
-            log.warning("InfSplign Refine does not refine this run: %s; it samples unrefined.", reason)
+            log.warning("%s does not refine this run: %s; it samples unrefined.", who, reason)
             return run(sigmas, callback, noise)
         total = len(sigmas) - 1
 
@@ -128,15 +134,15 @@ def refine_wrapper(relations: SpatialRelations, settings: RefineSettings):
         else:
             reached = run(sigmas[:k + 1], counted(0), noise)
             x = _linear_inverse(sampling.inverse_noise_scaling, sigmas[k], reached)
-        refined, report = refine_at(guider, store, x, sigmas[k], k, settings, extra_args["model_options"])
+        refined, report = refine_at(guider, store, x, sigmas[k], k, settings, extra_args["model_options"], who)
         trace = options.get(TRACE_KEY)
         if trace is not None:
             trace.refinement = report
         if report.skipped:
-            log.warning("InfSplign Refine skipped the refinement at step %d: %s.", k, report.skipped,
+            log.warning("%s skipped the refinement at step %d: %s.", who, k, report.skipped,
                         extra={"infsplign": report})
         else:
-            log.info("InfSplign Refine at step %d (sigma %.4f): loss %.5f -> %.5f in %d iterations", k,
+            log.info("%s at step %d (sigma %.4f): loss %.5f -> %.5f in %d iterations", who, k,
                      float(sigmas[k]), report.losses[0], report.final, len(report.losses), extra={"infsplign": report})
         rest = sigmas[k:]
         md = sampler.max_denoise(guider, rest)
@@ -179,3 +185,28 @@ def with_refine(model, relations: SpatialRelations, settings: RefineSettings):
     m.add_wrapper_with_key(WrappersMP.PREPARE_SAMPLING, hooks.MEMORY_KEY, memory_modes.reserve_memory(hooks.memory_plan))
     return m
 
+
+
+def placing_settings(relations: SpatialRelations, guidance: GuidanceSettings) -> RefineSettings | None:
+    """The burst of Layout Boxes' placing: the box terms alone (the layout's box loss and
+    weight), `placing_iterations` Adam steps at `placing_percent`, in the guidance's memory
+    mode. None when the relations have no boxes or the layout no placing."""
+    layout = relations.layout
+    if not relations.boxes or not layout.places:
+        return None
+    return RefineSettings(presence=0.0, separation=0.0, spatial=0.0, refine_percent=layout.placing_percent,
+                          iterations=layout.placing_iterations, learning_rate=PLACING_LEARNING_RATE,
+                          memory=guidance.memory, temperature=guidance.loss.temperature, boxes=layout.box_weight)
+
+
+def with_placing(model, relations: SpatialRelations, guidance: GuidanceSettings):
+    """`model` with Layout Boxes' placing burst (a clone), or `model` itself when the layout
+    has none or the model has a refinement already: InfSplign Refine's burst is the user's
+    choice of step and terms, and one burst per run is what the sampler wrapper does."""
+    settings = placing_settings(relations, guidance)
+    if settings is None or model.get_wrappers(WrappersMP.SAMPLER_SAMPLE, REFINE_KEY):
+        return model
+    m = model.clone()
+    m.add_wrapper_with_key(WrappersMP.SAMPLER_SAMPLE, REFINE_KEY, refine_wrapper(relations, settings,
+                                                                                  "Layout Boxes placing"))
+    return m

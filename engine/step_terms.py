@@ -6,6 +6,8 @@ Each term acts on the part of the schedule it was given, as ComfyUI's percents
 - the box terms (InfSplign Layout Boxes' box_loss, box_weight) inside [0, box_end_percent);
 - iLGD's attention injection (`injection`) inside [0, injection_end_percent), on every
   step there, guided or not (it changes the forward, not the gradient);
+- Layout Boxes' placing burst (`placing_iterations`): the box terms, in one burst at
+  `placing_percent` (engine/refine_hooks.with_placing);
 - InfSplign Refine's terms (presence, separation, its spatial weight on the relations): in
   its refinement burst, and with `continuous` on every step inside
   [0, continuous_end_percent) at strength continuous_strength.
@@ -75,10 +77,16 @@ def set_injection(store: CaptureStore, sampling, sigma: float) -> None:
 
 
 def refine_objective(store: CaptureStore, refine: RefineSettings) -> Objective:
-    """InfSplign Refine's loss: every object slot's presence and separation, and the
-    relations' terms times `spatial`."""
-    return Objective(store.pairs, objects=tuple(range(len(store.groups))), presence=refine.presence,
-                     separation=refine.separation, relation_weight=refine.spatial)
+    """The loss of a refinement burst: every object slot's presence and separation, the
+    relations' terms times `spatial` (InfSplign Refine), and the layout's box terms times
+    `boxes` (Layout Boxes' placing burst)."""
+    objective = Objective(store.pairs, objects=tuple(range(len(store.groups))), presence=refine.presence,
+                          separation=refine.separation, relation_weight=refine.spatial)
+    relations = store.relations
+    if refine.boxes > 0 and relations.boxes and relations.layout.box_loss != "none":
+        objective = replace(objective, box_slots=box_slots(relations), boxes=loss_boxes(relations),
+                            box_loss=relations.layout.box_loss, box_weight=refine.boxes)
+    return objective
 
 
 def continuous_step(store: CaptureStore, refine: RefineSettings, sampling, sigma: float) -> bool:

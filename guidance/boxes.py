@@ -28,6 +28,10 @@
   token's logit range over the image (per head, at this step), so nu' is the same on a
   model with soft attention (SD, logits a few units apart) and with very sharp attention
   (the demo model, 30 apart); it acts only inside the injection window (high noise).
+- `LayoutSettings.places`: the placing burst, the box terms descended by Adam on the latent
+  at one early step (guidance/refine.refine_latent, engine/refine_hooks.with_placing), which
+  moves objects into their boxes before their shapes form; the box loss of the later steps
+  then only keeps them there.
 Pure torch, no ComfyUI.
 """
 from __future__ import annotations
@@ -44,6 +48,8 @@ from torch import Tensor
 from .attention_stats import at_least_float32
 
 BOX_LOSSES = ("none", "ilgd", "maalign", "peak", "peak_centre")
+MAX_PLACING_ITERATIONS = 200  # as InfSplign Refine's iterations
+PLACING_LEARNING_RATE = 0.03  # Adam's, in the model's input units (tuned; InfSplign Refine's default is GSN's 0.05)
 CENTRE_ZONE = 0.5  # "peak_centre": the peak's centroid may lie anywhere in the middle half of the box
 MAX_BOXES = 16
 EPS = 1e-8
@@ -90,12 +96,16 @@ class LayoutSettings:
     box_weight: float = 0.0
     box_end_percent: float = 0.0
     box_margin: float = 0.0  # the box loss reads boxes nearer than this kept this far apart (apart_boxes)
+    # "placing": a burst of Adam steps on the latent at one early step, on the box terms
+    # (guidance/refine.refine_latent), which moves objects into their boxes before shapes form
+    placing_iterations: int = 0  # 0 = off
+    placing_percent: float = 0.05  # the step of the burst, as a fraction of the schedule
 
     def __post_init__(self):
         problems = []
         if not math.isfinite(self.injection) or self.injection < 0:
             problems.append(f"injection is {self.injection}; use a number >= 0 (0 = off)")
-        for name in ("injection_end_percent", "box_end_percent"):
+        for name in ("injection_end_percent", "box_end_percent", "placing_percent"):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0.0 <= value <= 1.0):
                 problems.append(f"{name} is {value}; use a fraction of the schedule in [0, 1]")
@@ -105,12 +115,25 @@ class LayoutSettings:
             problems.append(f"box_weight is {self.box_weight}; use a number >= 0")
         if not (math.isfinite(self.box_margin) and 0.0 <= self.box_margin <= 0.5):
             problems.append(f"box_margin is {self.box_margin}; use a fraction of the image side in [0, 0.5] (0 = off)")
+        if (isinstance(self.placing_iterations, bool) or not isinstance(self.placing_iterations, int)
+                or not 0 <= self.placing_iterations <= MAX_PLACING_ITERATIONS):
+            problems.append(f"placing_iterations is {self.placing_iterations}; use a whole number from 0 (off) to "
+                            f"{MAX_PLACING_ITERATIONS}")
         if problems:
             raise BoxError("Layout box settings: " + "; ".join(problems) + ".")
 
     @property
     def active(self) -> bool:
-        return self.injection > 0 or (self.box_loss != "none" and self.box_weight > 0)
+        return self.injection > 0 or self.has_loss
+
+    @property
+    def has_loss(self) -> bool:
+        return self.box_loss != "none" and self.box_weight > 0
+
+    @property
+    def places(self) -> bool:
+        """Is there a placing burst (iterations, and a box loss for it to descend)?"""
+        return self.placing_iterations > 0 and self.has_loss
 
 
 def _number(value, where: str) -> float:

@@ -41,10 +41,11 @@ class RefineSettings:
     continuous_end_percent: float = 0.5
     memory: str = "auto"
     temperature: float = 1.0  # of the captured maps, when no guidance node sets one
+    boxes: float = 0.0  # weight of the layout's box terms in the burst (Layout Boxes' placing)
 
     def __post_init__(self):
         problems = []
-        for name in ("presence", "separation", "spatial", "continuous_strength"):
+        for name in ("presence", "separation", "spatial", "continuous_strength", "boxes"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 problems.append(f"{name} is {value}; use a number >= 0")
@@ -67,7 +68,7 @@ class RefineSettings:
 
     @property
     def has_terms(self) -> bool:
-        return self.presence > 0 or self.separation > 0 or self.spatial > 0
+        return self.presence > 0 or self.separation > 0 or self.spatial > 0 or self.boxes > 0
 
     @property
     def takes_gradient(self) -> bool:
@@ -95,6 +96,7 @@ class RefineReport:
     final: float = float("nan")  # loss at the refined latent (after the last update)
     skipped: str = ""
     memory_mode: str = ""
+    source: str = "InfSplign Refine"  # which node's burst: InfSplign Refine, or Layout Boxes' placing
 
 
 def refine_latent(loss_at: Callable[[Tensor], Tensor | None], x: Tensor, sigma: float, iterations: int,

@@ -313,6 +313,9 @@ class SpatialRelations:
             s = self.layout
             lines.append(f"injection {s.injection:g} until {s.injection_end_percent:g}, box loss {s.box_loss} "
                          f"weight {s.box_weight:g} until {s.box_end_percent:g}, margin {s.box_margin:g}")
+            if s.places:
+                lines.append(f"placing: {s.placing_iterations} Adam steps on the box loss at "
+                             f"{s.placing_percent:g} of the schedule")
             drawn = tuple(b.box for b in self.boxes)
             for box, read in zip(drawn, apart_boxes(drawn, s.box_margin)):
                 if read != box:

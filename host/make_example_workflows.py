@@ -28,9 +28,9 @@ from workflow_graph import FREE, MINIMAP, TITLE, Workflow, template_view, view  
 GUIDANCE_DEFAULTS = [1000.0, "sigmoid", 8.0, 0.0, "auto", 1.0, 1.0, 0.0, 0.25, False, 1.0, "auto"]
 PARSE_DEFAULTS = ["", "from text", "", ""]  # object_a, relation, object_b: read from the text; no objects list
 # InfSplign Layout Boxes at its defaults (nodes/layout_node.DEFAULTS): injection .. box_end_percent, and its
-# optional box_margin (after the optional width and height).
-LAYOUT_DEFAULTS = [6.0, 0.1, "peak_centre", 1.5, 0.5]
-LAYOUT_MARGIN = 0.15
+# optional box_margin, placing_iterations, placing_percent (after the optional width and height).
+LAYOUT_DEFAULTS = [6.0, 0.1, "peak_centre", 1.5, 0.2]
+LAYOUT_OPTIONAL = [0.15, 20, 0.05]
 # InfSplign Refine at its defaults (nodes/refine_node.DEFAULTS, then its optional inputs' defaults).
 REFINE_DEFAULTS = [1.0, 0.5, 0.0, 0.4, 50, 0.05, False, 30.0, 0.5, 1.0, "auto"]
 # Workflow d's guidance settings for the demo model (its maps read at temperature 8).
@@ -194,12 +194,13 @@ def demo_model_layout_boxes() -> dict:
            "**Layout boxes on the demo model**\n\nNeeds no model file. Draw a box per object on "
            "*InfSplign Layout Boxes* (drag on the frame; pick the object above it; drag a box to move it, "
            "its corner to resize, double-click to delete): the boxes go into its `boxes` text as JSON. "
-           "Early steps bias each object's attention toward its box (injection), later ones pull it in "
-           "with the box loss. The preview draws the boxes over the maps.")
+           "Early steps bias each object's attention toward its box (injection), a burst of optimisation at "
+           "the second step moves each object into its box before its shape forms (placing), and the next "
+           "steps keep it there with the box loss. The preview draws the boxes over the maps.")
     pos = w.node("CLIPTextEncode", (x[1], 80), (300, 90), [text], title="Positive")
     neg = w.node("CLIPTextEncode", (x[1], 220), (300, 90), [""], title="Negative")
     latent = w.node("EmptyLatentImage", (x[1], 360), (300, 110), [128, 128, 4])
-    layout = w.node("InfSplignLayout", (x[2], 80), (360, 640), [text, boxes, *LAYOUT_DEFAULTS, 128, 128, LAYOUT_MARGIN])
+    layout = w.node("InfSplignLayout", (x[2], 80), (360, 640), [text, boxes, *LAYOUT_DEFAULTS, 128, 128, *LAYOUT_OPTIONAL])
     apply = w.node("InfSplignApply", (x[3], 80), (300, 310), list(LAYOUT_GUIDANCE))
     sampler = w.node("KSampler", (x[4], 80), (300, 270), [7, "fixed", 20, 5.0, "euler", "normal", 1.0])
     decode = w.node("VAEDecode", (x[5], 80), (200, 50))

@@ -60,7 +60,8 @@ SCHEMA = {
     "InfSplignLayout": ([("clip", "CLIP", False), ("relations", "SPATIAL_RELATIONS", True)],
                         [("text", "STRING"), ("boxes", "STRING"), ("injection", "FLOAT"),
                          ("injection_end_percent", "FLOAT"), ("box_loss", "COMBO"), ("box_weight", "FLOAT"),
-                         ("box_end_percent", "FLOAT"), ("width", "INT"), ("height", "INT"), ("box_margin", "FLOAT")],
+                         ("box_end_percent", "FLOAT"), ("width", "INT"), ("height", "INT"), ("box_margin", "FLOAT"),
+                         ("placing_iterations", "INT"), ("placing_percent", "FLOAT")],
                         [("relations", "SPATIAL_RELATIONS"), ("summary", "STRING")]),
     "InfSplignRefine": ([("model", "MODEL", False), ("relations", "SPATIAL_RELATIONS", False)],
                         [(n, "FLOAT") for n in ("presence", "separation", "spatial", "refine_percent")]

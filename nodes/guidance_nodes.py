@@ -5,7 +5,7 @@ import comfy.samplers
 
 from ..guidance.losses import ACTIVATIONS, LossSettings
 from ..guidance.step import MEMORY_MODES, GuidanceSettings
-from ..engine import families, hooks
+from ..engine import families, hooks, refine_hooks
 
 CATEGORY = "sampling/InfSplign"
 ORTHOGONAL_CHOICES = ("auto", "none", "l1", "l2")
@@ -64,7 +64,10 @@ def _optional() -> dict:
 
 def _guided_model(model, relations, settings: dict):
     families.checked_family(model, relations)  # clear errors before anything is patched
-    return hooks.with_guidance(model, relations, make_settings(model, **settings))
+    guidance = make_settings(model, **settings)
+    guided = hooks.with_guidance(model, relations, guidance)
+    # Layout Boxes' placing burst is gradient guidance too: strength 0 only observes
+    return refine_hooks.with_placing(guided, relations, guidance) if guidance.strength > 0 else guided
 
 
 class AttentionCapture:

@@ -8,7 +8,8 @@ and edits it on the node.
 """
 from __future__ import annotations
 
-from ..guidance.boxes import BOX_LOSSES, BoundBox, BoxError, LayoutSettings, parse_boxes, plan_boxes
+from ..guidance.boxes import (BOX_LOSSES, MAX_PLACING_ITERATIONS, BoundBox, BoxError, LayoutSettings, parse_boxes,
+                               plan_boxes)
 from ..guidance.relations import SpatialRelations
 from ..engine import tokens
 
@@ -17,7 +18,7 @@ CATEGORY = "conditioning/InfSplign"
 # (demo/evaluate_boxes.py --tune), by the rule "most objects in their boxes with shapes intact"
 # (with the maps read at temperature 32 as workflow e does; tuning_log in demo_world/).
 DEFAULTS = {"injection": 6.0, "injection_end_percent": 0.1, "box_loss": "peak_centre", "box_weight": 1.5,
-            "box_end_percent": 0.5, "box_margin": 0.15}
+            "box_end_percent": 0.2, "box_margin": 0.15, "placing_iterations": 20, "placing_percent": 0.05}
 
 
 def bind_boxes(clip, text: str, boxes_json: str, relations: SpatialRelations | None,
@@ -104,13 +105,26 @@ class LayoutBoxes:
                                 "their facing sides moved back until they are this far apart (at most a quarter of "
                                 "a box), so two objects in near boxes stay apart. Overlapping boxes stay as "
                                 "drawn. 0 = off."),
+                "placing_iterations": ("INT", {"default": DEFAULTS["placing_iterations"], "min": 0,
+                                       "max": MAX_PLACING_ITERATIONS, "tooltip":
+                                       "Adam steps on the latent at placing_percent that move each object into "
+                                       "its box while the image is still a blur, before shapes form (the box loss, "
+                                       "as GSN's refinement). Each costs about one guided step. 0 = off (injection "
+                                       "and the box loss alone)."}),
+                "placing_percent": f(DEFAULTS["placing_percent"], 0.0, 1.0, 0.01,
+                                     "The step of the placing burst, as a fraction of the schedule."),
             },
         }
 
     def layout(self, clip, text, boxes, injection, injection_end_percent, box_loss, box_weight, box_end_percent,
-               relations=None, width=512, height=512, box_margin=None):
+               relations=None, width=512, height=512, box_margin=None, placing_iterations=None,
+               placing_percent=None):
+        # a saved workflow without these inputs gets the defaults
         margin = DEFAULTS["box_margin"] if box_margin is None else box_margin
-        settings = LayoutSettings(injection, injection_end_percent, box_loss, box_weight, box_end_percent, margin)
+        iterations = DEFAULTS["placing_iterations"] if placing_iterations is None else placing_iterations
+        percent = DEFAULTS["placing_percent"] if placing_percent is None else placing_percent
+        settings = LayoutSettings(injection, injection_end_percent, box_loss, box_weight, box_end_percent, margin,
+                                  iterations, percent)
         result = bind_boxes(clip, text, boxes, relations, settings)
         summary = result.summary()
         return {"ui": {"text": [summary]}, "result": (result, summary)}

@@ -104,14 +104,14 @@ def render_loss(run: RunTrace, size: int) -> Image.Image:
 
 
 def render_refinement(report, width: int) -> Image.Image:
-    """InfSplign Refine's burst: the loss (summed over the batch) before each Adam iteration,
+    """A refinement burst (InfSplign Refine's, or Layout Boxes' placing): the loss (summed over the batch) before each Adam iteration,
     and at the refined latent."""
     small, normal = _font(12), _font(14)
     left, right, top, height = 70, 20, 44, max(170, round(width * 0.3))
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     values = list(report.losses) + ([report.final] if math.isfinite(report.final) else [])
-    title = (f"InfSplign Refine at step {report.step} (sigma {report.sigma:.3g}): loss per iteration, "
+    title = (f"{report.source} at step {report.step} (sigma {report.sigma:.3g}): loss per iteration, "
              f"{values[0]:.4g} -> {values[-1]:.4g}" + (f" (stopped: {report.skipped})" if report.skipped else ""))
     draw.text((12, 8), _fit(draw, title, normal, width - 24), font=normal, fill=(20, 20, 20))
     x0, y0, x1, y1 = left, top, width - right, height - 34

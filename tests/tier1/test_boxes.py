@@ -47,6 +47,18 @@ def test_settings_refuse_bad_values():
         LayoutSettings(box_end_percent=1.5)
     with pytest.raises(BoxError, match=r"box_margin is 0.8; use a fraction of the image side in \[0, 0.5\]"):
         LayoutSettings(box_margin=0.8)
+    for iterations in (-1, 2.5, 201, True):
+        with pytest.raises(BoxError, match=f"placing_iterations is {iterations}; use a whole number from 0"):
+            LayoutSettings(placing_iterations=iterations)
+    with pytest.raises(BoxError, match="placing_percent is 1.5; use a fraction"):
+        LayoutSettings(placing_percent=1.5)
+
+
+def test_placing_needs_iterations_and_a_box_loss():
+    assert LayoutSettings(box_loss="peak_centre", box_weight=1.5, placing_iterations=20).places
+    assert not LayoutSettings(box_loss="peak_centre", box_weight=1.5, placing_iterations=0).places
+    assert not LayoutSettings(box_loss="none", box_weight=1.5, placing_iterations=20).places
+    assert not LayoutSettings(box_loss="peak", box_weight=0.0, placing_iterations=20).places
 
 
 def test_near_boxes_are_read_apart_by_the_margin_and_others_as_drawn():

@@ -250,3 +250,8 @@ def test_layout_boxes_on_flux(clips):
     # touching boxes: the summary says how the box loss reads them at the default margin (0.15)
     assert result.layout.box_margin == 0.15 and "margin 0.15" in summary
     assert 'reads "cat" as [0.0, 0.0, 0.425, 1.0]' in summary and 'reads "dog" as [0.575, 0.0, 1.0, 1.0]' in summary
+    # and the default placing burst; with it off, no such line
+    assert (result.layout.placing_iterations, result.layout.placing_percent) == (20, 0.05)
+    assert "placing: 20 Adam steps on the box loss at 0.05 of the schedule" in summary
+    off = node.layout(clips["flux_dev"], text, boxes, 6.0, 0.4, "ilgd", 12.0, 0.5, placing_iterations=0)["result"][1]
+    assert "placing" not in off

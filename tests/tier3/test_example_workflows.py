@@ -271,10 +271,11 @@ def test_workflows_at_the_nodes_defaults_carry_the_nodes_defaults(object_info):
     """The generator's "at its defaults" values are the nodes' /object_info defaults, so a
     tuned default cannot leave the example workflows behind."""
     gen = _module("make_example_workflows", ROOT / "host" / "make_example_workflows.py")
-    layout = ["injection", "injection_end_percent", "box_loss", "box_weight", "box_end_percent", "box_margin"]
+    layout = ["injection", "injection_end_percent", "box_loss", "box_weight", "box_end_percent", "box_margin",
+              "placing_iterations", "placing_percent"]
     for node_type, values, names in (("InfSplignApply", gen.GUIDANCE_DEFAULTS, None),
                                      ("InfSplignRefine", gen.REFINE_DEFAULTS, None),
-                                     ("InfSplignLayout", [*gen.LAYOUT_DEFAULTS, gen.LAYOUT_MARGIN], layout)):
+                                     ("InfSplignLayout", [*gen.LAYOUT_DEFAULTS, *gen.LAYOUT_OPTIONAL], layout)):
         entry = object_info[node_type]
         names = names or _widget_names(entry)
         specs = {**entry["input"].get("required", {}), **entry["input"].get("optional", {})}

@@ -23,8 +23,10 @@ SD1 = "infsplign_test_sd1.safetensors"
 TEXT = "a cat and a dog"
 BOXES = json.dumps([{"object": "cat", "box": [0.05, 0.1, 0.45, 0.6]}, {"object": "dog", "box": [0.55, 0.4, 0.95, 0.9]}])
 STEPS = 4
+# the placing burst is off here (the tests of its own below turn it on): the other tests look
+# at the injection and the per-step box loss alone
 LAYOUT = {"injection": 0.75, "injection_end_percent": 0.5, "box_loss": "maalign", "box_weight": 1.0,
-          "box_end_percent": 0.5}
+          "box_end_percent": 0.5, "placing_iterations": 0}
 PATHS = ["ksampler", "custom"]
 
 
@@ -36,7 +38,7 @@ def run(host, checkpoints):
 def boxed(path="ksampler", boxes=BOXES, text=TEXT, ckpt=SD1, relations=False, steps=STEPS, **settings) -> dict:
     """workflow() whose guidance node reads InfSplign Layout Boxes ("layout") (relations
     merged in when `relations`)."""
-    layout = {k: settings.pop(k) for k in list(settings) if k in LAYOUT or k == "box_margin"}
+    layout = {k: settings.pop(k) for k in list(settings) if k in LAYOUT or k in ("box_margin", "placing_percent")}
     g = workflow(ckpt, path, text=text, steps=steps, **settings)
     node = "apply" if path == "ksampler" else "guider"
     g["layout"] = {"class_type": "InfSplignLayout", "inputs": {
@@ -126,6 +128,49 @@ def test_box_margin_reads_near_boxes_apart_and_leaves_boxes_apart_enough_as_draw
     # BOXES lie 0.1 apart: a margin of 0.1 changes nothing
     assert torch.equal(run(boxed(box_loss="peak", injection=0.0, strength=30.0, box_margin=0.1)).latent,
                        run(boxed(box_loss="peak", injection=0.0, strength=30.0, box_margin=0.0)).latent)
+
+
+def placing_run(session, g: dict):
+    """The newest run of the capture on the guidance node's MODEL: (its trace, the result)."""
+    from comfy.patcher_extension import WrappersMP
+    res = session.execute(g)
+    assert res.success, res.error()
+    (wrapper,) = session.output("apply").get_wrappers(WrappersMP.OUTER_SAMPLE, "infsplign.capture")
+    return wrapper.trace.runs[-1], res
+
+
+def test_placing_burst_descends_the_box_loss_at_its_step_only(host, checkpoints):
+    """placing_iterations at placing_percent 0.5 of 4 steps = step 2: the maps of steps 0 and 1
+    are the run's without placing exactly, the box loss falls over the burst, the image differs;
+    strength 0 only observes, so it places nothing."""
+    session = host.Session()
+    placed, res = placing_run(session, boxed(box_loss="peak_centre", strength=30.0, placing_iterations=5,
+                                             placing_percent=0.5))
+    burst = placed.refinement
+    assert burst is not None and burst.step == 2 and not burst.skipped and burst.source == "Layout Boxes placing"
+    assert len(burst.losses) == 5 and burst.final < burst.losses[0], burst.losses
+    latent = host.saved_latents(res, "save_latent")[0]
+    unplaced, res0 = placing_run(session, boxed(box_loss="peak_centre", strength=30.0, placing_iterations=0))
+    assert unplaced.refinement is None
+    for i in (0, 1):
+        assert torch.equal(placed.steps[i].maps, unplaced.steps[i].maps), i
+    assert differs(latent, host.saved_latents(res0, "save_latent")[0]) and torch.isfinite(latent).all()
+    observed, _ = placing_run(session, boxed(box_loss="peak_centre", strength=0.0, placing_iterations=5,
+                                             placing_percent=0.5))
+    assert observed.refinement is None
+
+
+def test_infsplign_refine_on_the_model_takes_the_place_of_the_placing_burst(host, checkpoints):
+    """One burst per run: with InfSplign Refine before the guidance node, its step (0.75 of 4
+    steps = 3) and its settings are the run's, not the placing burst's (step 1)."""
+    g = boxed(box_loss="peak_centre", strength=30.0, placing_iterations=5, placing_percent=0.25)
+    g["refine"] = {"class_type": "InfSplignRefine", "inputs": {
+        "model": ["ckpt", 0], "relations": ["layout", 0], "presence": 1.0, "separation": 0.0, "spatial": 0.0,
+        "refine_percent": 0.75, "iterations": 2, "learning_rate": 0.05, "continuous": False}}
+    g["apply"]["inputs"]["model"] = ["refine", 0]
+    trace, _ = placing_run(host.Session(), g)
+    assert trace.refinement.step == 3 and len(trace.refinement.losses) == 2
+    assert trace.refinement.source == "InfSplign Refine"
 
 
 def test_boxes_and_relations_together(run):

@@ -40,10 +40,10 @@ TOLERANCE = 1e-4
 STEPS = 4
 GUIDED = {"end_percent": 0.5}
 BOXES = json.dumps([{"object": "cat", "box": [0.05, 0.1, 0.45, 0.6]}, {"object": "dog", "box": [0.55, 0.4, 0.95, 0.9]}])
-# box_margin pinned to 0: the references were recorded with the boxes read as drawn (these boxes lie 0.1 apart,
-# under the default margin); test_layout_boxes tests the margin.
+# box_margin and the placing burst pinned off: the references were recorded with the boxes read as drawn (these
+# boxes lie 0.1 apart, under the default margin) and without a burst; test_layout_boxes tests both.
 LAYOUT = {"injection": 6.0, "injection_end_percent": 0.4, "box_loss": "ilgd", "box_weight": 12.0,
-          "box_end_percent": 0.5, "box_margin": 0.0}
+          "box_end_percent": 0.5, "box_margin": 0.0, "placing_iterations": 0}
 REFINE = {"presence": 1.0, "separation": 0.5, "spatial": 1.0, "refine_percent": 0.5, "iterations": 3,
           "learning_rate": 0.05, "continuous": False}
 EXACT = ("plain", "strength0", "capture")  # kinds whose computation does not change
