@@ -294,8 +294,9 @@ def _plot_panels(rgb):
 
 
 def test_workflow_e_from_templates_runs_and_its_loss_plot_shows_the_box_loss_falling(seen):
-    """Workflow e guides with boxes only: its plot has one panel, the box loss, and every
-    image's line ends lower than it starts (its guided steps pull each object into its box)."""
+    """Workflow e guides with boxes only: its plot has the box loss's panel and the placing
+    burst's below it, and every image's line of the box loss ends lower than it starts (its
+    guided steps hold each object in its box)."""
     import base64
     import io
 
@@ -307,7 +308,7 @@ def test_workflow_e_from_templates_runs_and_its_loss_plot_shows_the_box_loss_fal
     assert e["loss_plot"] and e["loss_plot"]["status"] == 200, e.get("loss_plot")
     rgb = np.asarray(Image.open(io.BytesIO(base64.b64decode(e["loss_plot"]["png_base64"]))).convert("RGB"))
     panels = _plot_panels(rgb)
-    assert len(panels) == 1, f"workflow e's plot has {len(panels)} panels, expected the box loss alone"
+    assert len(panels) == 2, f"workflow e's plot has {len(panels)} panels, expected the box loss and the burst"
     top, bottom = panels[0]
     inside = rgb[top + 2:bottom - 1, 72:-22]
     for b, colour in enumerate(IMAGE_COLOURS):
@@ -332,7 +333,8 @@ def test_after_a_run_layout_boxes_shows_every_summary_line_and_keeps_its_editor(
     assert before["summary"] is None and after["summary"], after
     s = after["summary"]
     lines = s["value"].split("\n")
-    assert len(lines) == 4 and lines[0].startswith('box "red circle"') and lines[-1].startswith("encoder"), lines
+    assert len(lines) == 5 and lines[0].startswith('box "red circle"') and lines[-1].startswith("encoder"), lines
+    assert lines[3].startswith("placing: 20 Adam steps"), lines
     assert s["visible"] and s["scroll_height"] <= s["client_height"] + 1, \
         f"the summary box shows {s['client_height']} px of its {s['scroll_height']} px of text"
     assert before["editor"] and after["editor"], (before, after)
