@@ -218,7 +218,7 @@ def _beside(anchor: Box, relation: str) -> Box:
     return Box(anchor.object, x0, y0, x0 + w, y0 + h)
 
 
-MAX_MARGIN_SHRINK = 0.25  # apart_boxes moves a side back by at most this share of the box's extent
+MAX_MARGIN_SHRINK = 0.5  # apart_boxes moves a side back by at most this share of the box's extent
 
 
 @functools.lru_cache(maxsize=64)

@@ -30,7 +30,7 @@ PARSE_DEFAULTS = ["", "from text", "", ""]  # object_a, relation, object_b: read
 # InfSplign Layout Boxes at its defaults (nodes/layout_node.DEFAULTS): injection .. box_end_percent, and its
 # optional box_margin, placing_iterations, placing_percent (after the optional width and height).
 LAYOUT_DEFAULTS = [6.0, 0.1, "peak_centre", 1.5, 0.2]
-LAYOUT_OPTIONAL = [0.15, 20, 0.05]
+LAYOUT_OPTIONAL = [0.2, 20, 0.05]
 # InfSplign Refine at its defaults (nodes/refine_node.DEFAULTS, then its optional inputs' defaults).
 REFINE_DEFAULTS = [1.0, 0.5, 0.0, 0.4, 50, 0.05, False, 30.0, 0.5, 1.0, "auto"]
 # Workflow d's guidance settings for the demo model (its maps read at temperature 8).

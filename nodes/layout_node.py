@@ -18,7 +18,7 @@ CATEGORY = "conditioning/InfSplign"
 # (demo/evaluate_boxes.py --tune), by the rule "most objects in their boxes with shapes intact"
 # (with the maps read at temperature 32 as workflow e does; tuning_log in demo_world/).
 DEFAULTS = {"injection": 6.0, "injection_end_percent": 0.1, "box_loss": "peak_centre", "box_weight": 1.5,
-            "box_end_percent": 0.2, "box_margin": 0.15, "placing_iterations": 20, "placing_percent": 0.05}
+            "box_end_percent": 0.2, "box_margin": 0.2, "placing_iterations": 20, "placing_percent": 0.05}
 
 
 def bind_boxes(clip, text: str, boxes_json: str, relations: SpatialRelations | None,
@@ -102,7 +102,7 @@ class LayoutBoxes:
                                    "tooltip": "The image height: the editor's aspect only."}),
                 "box_margin": f(DEFAULTS["box_margin"], 0.0, 0.5, 0.01,
                                 "Boxes nearer than this (fraction of the image side) are read by the box loss with "
-                                "their facing sides moved back until they are this far apart (at most a quarter of "
+                                "their facing sides moved back until they are this far apart (at most half "
                                 "a box), so two objects in near boxes stay apart. Overlapping boxes stay as "
                                 "drawn. 0 = off."),
                 "placing_iterations": ("INT", {"default": DEFAULTS["placing_iterations"], "min": 0,

@@ -69,9 +69,12 @@ def test_near_boxes_are_read_apart_by_the_margin_and_others_as_drawn():
     assert (a.y0, a.y1, b.y0, b.y1) == (0.3, 0.6, 0.3, 0.6) and b.x0 - a.x1 == pytest.approx(0.1)
     top, below = apart_boxes((Box("a", 0.1, 0.1, 0.4, 0.4), Box("b", 0.1, 0.43, 0.4, 0.7)), 0.1)
     assert (top.y1, below.y0) == pytest.approx((0.365, 0.465)) and (top.x0, top.x1) == (0.1, 0.4)
-    # a side moves back at most a quarter of its box; apart enough, overlapping, margin 0: as drawn
+    # a side moves back at most half its box (so the box read keeps its centre inside the box
+    # as drawn); apart enough, overlapping, margin 0: as drawn
     a, b = apart_boxes((Box("a", 0.5, 0.3, 0.8, 0.6), Box("b", 0.1, 0.3, 0.49, 0.6)), 0.2)
-    assert a.x0 == pytest.approx(0.5 + 0.3 / 4) and b.x1 == pytest.approx(0.49 - 0.095)
+    assert a.x0 == pytest.approx(0.5 + 0.095) and b.x1 == pytest.approx(0.49 - 0.095)
+    a, b = apart_boxes((Box("a", 0.5, 0.3, 0.8, 0.6), Box("b", 0.1, 0.3, 0.49, 0.6)), 0.5)
+    assert a.x0 == pytest.approx(0.5 + 0.3 / 2) and b.x1 == pytest.approx(0.49 - 0.39 / 2)
     far = (Box("a", 0.0, 0.0, 0.3, 0.3), Box("b", 0.5, 0.5, 0.9, 0.9))
     crossing = (Box("a", 0.1, 0.1, 0.4, 0.4), Box("b", 0.3, 0.3, 0.7, 0.7))
     assert apart_boxes(far, 0.1) == far and apart_boxes(crossing, 0.1) == crossing

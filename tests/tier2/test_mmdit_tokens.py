@@ -247,9 +247,9 @@ def test_layout_boxes_on_flux(clips):
     boxes = '[{"object": "cat", "box": [0, 0, 0.5, 1]}, {"object": "dog", "box": [0.5, 0, 1, 1]}]'
     result, summary = node.layout(clips["flux_dev"], text, boxes, 6.0, 0.4, "ilgd", 12.0, 0.5)["result"]
     assert [b.tokens for b in result.boxes] == [(6,), (13,)] and result.encoder == "t5xxl"
-    # touching boxes: the summary says how the box loss reads them at the default margin (0.15)
-    assert result.layout.box_margin == 0.15 and "margin 0.15" in summary
-    assert 'reads "cat" as [0.0, 0.0, 0.425, 1.0]' in summary and 'reads "dog" as [0.575, 0.0, 1.0, 1.0]' in summary
+    # touching boxes: the summary says how the box loss reads them at the default margin (0.2)
+    assert result.layout.box_margin == 0.2 and "margin 0.2" in summary
+    assert 'reads "cat" as [0.0, 0.0, 0.4, 1.0]' in summary and 'reads "dog" as [0.6, 0.0, 1.0, 1.0]' in summary
     # and the default placing burst; with it off, no such line
     assert (result.layout.placing_iterations, result.layout.placing_percent) == (20, 0.05)
     assert "placing: 20 Adam steps on the box loss at 0.05 of the schedule" in summary
