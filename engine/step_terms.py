@@ -36,7 +36,8 @@ def _within(store: CaptureStore, sampling, sigma: float, start: float, end: floa
 
 
 def loss_boxes(relations) -> tuple:
-    """The boxes the box loss reads: as drawn, near ones kept `box_margin` apart (apart_boxes)."""
+    """The boxes the box loss reads: as drawn, near or overlapping ones kept `box_margin` apart
+    (apart_boxes)."""
     return apart_boxes(tuple(b.box for b in relations.boxes), relations.layout.box_margin)
 
 

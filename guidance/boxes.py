@@ -3,8 +3,9 @@
 - `parse_boxes`: the InfSplign Layout Boxes node's JSON, read as data only and checked
   (a list of {"object": words of the prompt, "box": [x0, y0, x1, y1]}, origin top-left).
 - `plan_boxes`: boxes from relations ("A left of B": A in the left part, B in the right).
-- `apart_boxes`: the boxes as the box loss reads them, two near boxes kept `box_margin`
-  apart (their facing sides moved back), so near objects are not pulled into each other.
+- `apart_boxes`: the boxes as the box loss reads them, two near or overlapping boxes kept
+  `box_margin` apart (their facing sides moved back), so their objects are not pulled into
+  each other.
 - `box_masks`: each box's coverage of every cell of an attention map (fractions, so a box
   that covers a third of a 4 x 4 map's cell counts a third).
 - loss terms per box on its object's map A (h x w, >= 0) and mask M:
@@ -223,12 +224,12 @@ MAX_MARGIN_SHRINK = 0.5  # apart_boxes moves a side back by at most this share o
 
 @functools.lru_cache(maxsize=64)
 def apart_boxes(boxes: tuple[Box, ...], margin: float) -> tuple[Box, ...]:
-    """The boxes the box loss reads: each pair of boxes that do not overlap but lie less than
-    `margin` apart (fractions of the image) has its facing sides moved back, half the
+    """The boxes the box loss reads: each pair of boxes that lie less than `margin` apart
+    (fractions of the image), or overlap, has its facing sides moved back, half the
     shortfall each, along the axis that separates them most, so the loss pulls the two
     objects toward their boxes' far sides and leaves a gap between them. A side moves back
-    by at most MAX_MARGIN_SHRINK of its box's extent; overlapping boxes stay as drawn (an
-    overlap is asked for). The result lies inside the boxes as drawn."""
+    by at most MAX_MARGIN_SHRINK of its box's extent, so the result lies inside the boxes as
+    drawn and two boxes that overlap much may still overlap as read."""
     if margin <= 0 or len(boxes) < 2:
         return boxes
     cut = [[0.0, 0.0, 0.0, 0.0] for _ in boxes]  # how far each side moves in: x0, y0, x1, y1
@@ -236,17 +237,17 @@ def apart_boxes(boxes: tuple[Box, ...], margin: float) -> tuple[Box, ...]:
         for j, q in enumerate(boxes):
             if j <= i:
                 continue
+            # the gap between the two along each axis; negative: how far one must move to clear the other
             dx = max(p.x0 - q.x1, q.x0 - p.x1)
             dy = max(p.y0 - q.y1, q.y0 - p.y1)
-            if dx < 0 and dy < 0:  # overlapping
-                continue
             if math.hypot(max(dx, 0.0), max(dy, 0.0)) >= margin:
                 continue
             shortfall = (margin - max(dx, dy)) / 2
+            (pc_x, pc_y), (qc_x, qc_y) = p.centre, q.centre
             if dx >= dy:  # side by side: p's right side faces q's left side, or the reverse
-                side_p, side_q = (0, 2) if p.x0 >= q.x1 else (2, 0)
+                side_p, side_q = (0, 2) if pc_x > qc_x else (2, 0)
             else:
-                side_p, side_q = (1, 3) if p.y0 >= q.y1 else (3, 1)
+                side_p, side_q = (1, 3) if pc_y > qc_y else (3, 1)
             cut[i][side_p] = max(cut[i][side_p], shortfall)
             cut[j][side_q] = max(cut[j][side_q], shortfall)
     out = []

@@ -320,7 +320,8 @@ class SpatialRelations:
             for box, read in zip(drawn, apart_boxes(drawn, s.box_margin)):
                 if read != box:
                     x0, y0, x1, y1 = (round(v, 3) for v in read.corners)
-                    lines.append(f'  the box loss reads "{box.object}" as [{x0}, {y0}, {x1}, {y1}] (near another box)')
+                    lines.append(f'  the box loss reads "{box.object}" as [{x0}, {y0}, {x1}, {y1}] '
+                                 "(near or over another box)")
         if self.objects:
             lines.append("objects: " + ", ".join(f'"{o.object}" {list(o.tokens)}' for o in self.objects))
         lines.append(f"encoder {self.encoder}, {self.sequence_length} tokens")

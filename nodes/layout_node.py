@@ -103,8 +103,9 @@ class LayoutBoxes:
                 "box_margin": f(DEFAULTS["box_margin"], 0.0, 0.5, 0.01,
                                 "Boxes nearer than this (fraction of the image side) are read by the box loss with "
                                 "their facing sides moved back until they are this far apart (at most half "
-                                "a box), so two objects in near boxes stay apart. Overlapping boxes stay as "
-                                "drawn. 0 = off."),
+                                "a box), so two objects in near boxes stay apart. Overlapping boxes are read "
+                                "apart the same way (along the axis they overlap least), so their objects are not "
+                                "pulled into the shared part. 0 = off (boxes read as drawn)."),
                 "placing_iterations": ("INT", {"default": DEFAULTS["placing_iterations"], "min": 0,
                                        "max": MAX_PLACING_ITERATIONS, "tooltip":
                                        "Adam steps on the latent at placing_percent that move each object into "
