@@ -11,9 +11,13 @@ COMFYUI ?=
 
 ifeq ($(strip $(COMFYUI)),)
 PYTHON := .venv/bin/python
+# The suite runs on this many pytest-xdist workers, one CPU thread each (tests/conftest.py):
+# "auto" is one per core, at most 4; 0 runs it in this process. Each worker boots its own
+# ComfyUI; a test module's tests stay on one worker (its fixtures are built once).
+TEST_WORKERS ?= auto
 
 test: setup setup-browser
-	@$(PYTHON) -m pytest -q tests
+	@$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadscope tests
 
 demo: setup
 	@$(PYTHON) demo/run_demo.py
