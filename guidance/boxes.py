@@ -219,7 +219,10 @@ def _beside(anchor: Box, relation: str) -> Box:
     return Box(anchor.object, x0, y0, x0 + w, y0 + h)
 
 
-MAX_MARGIN_SHRINK = 0.5  # apart_boxes moves a side back by at most this share of the box's extent
+# apart_boxes moves a side back by at most this share of the box's extent. Only pairs that
+# overlap much (or margins near 0.5) reach it: with half, a box read could keep half of the
+# part two boxes share, the two objects were pulled together and merged (tuning_log.txt).
+MAX_MARGIN_SHRINK = 0.9
 
 
 @functools.lru_cache(maxsize=64)
@@ -229,7 +232,8 @@ def apart_boxes(boxes: tuple[Box, ...], margin: float) -> tuple[Box, ...]:
     shortfall each, along the axis that separates them most, so the loss pulls the two
     objects toward their boxes' far sides and leaves a gap between them. A side moves back
     by at most MAX_MARGIN_SHRINK of its box's extent, so the result lies inside the boxes as
-    drawn and two boxes that overlap much may still overlap as read."""
+    drawn (a strip along the far side, where the boxes overlap much) and two boxes that
+    overlap almost wholly may still overlap as read."""
     if margin <= 0 or len(boxes) < 2:
         return boxes
     cut = [[0.0, 0.0, 0.0, 0.0] for _ in boxes]  # how far each side moves in: x0, y0, x1, y1

@@ -102,7 +102,7 @@ class LayoutBoxes:
                                    "tooltip": "The image height: the editor's aspect only."}),
                 "box_margin": f(DEFAULTS["box_margin"], 0.0, 0.5, 0.01,
                                 "Boxes nearer than this (fraction of the image side) are read by the box loss with "
-                                "their facing sides moved back until they are this far apart (at most half "
+                                "their facing sides moved back until they are this far apart (at most 90 % of "
                                 "a box), so two objects in near boxes stay apart. Overlapping boxes are read "
                                 "apart the same way (along the axis they overlap least), so their objects are not "
                                 "pulled into the shared part. 0 = off (boxes read as drawn)."),

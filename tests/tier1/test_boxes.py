@@ -69,12 +69,12 @@ def test_near_boxes_are_read_apart_by_the_margin_and_others_as_drawn():
     assert (a.y0, a.y1, b.y0, b.y1) == (0.3, 0.6, 0.3, 0.6) and b.x0 - a.x1 == pytest.approx(0.1)
     top, below = apart_boxes((Box("a", 0.1, 0.1, 0.4, 0.4), Box("b", 0.1, 0.43, 0.4, 0.7)), 0.1)
     assert (top.y1, below.y0) == pytest.approx((0.365, 0.465)) and (top.x0, top.x1) == (0.1, 0.4)
-    # a side moves back at most half its box (so the box read keeps its centre inside the box
-    # as drawn); apart enough, margin 0: as drawn
+    # a side moves back at most 90 % of its box (so the box read is a strip of the box as
+    # drawn, along its far side); apart enough, margin 0: as drawn
     a, b = apart_boxes((Box("a", 0.5, 0.3, 0.8, 0.6), Box("b", 0.1, 0.3, 0.49, 0.6)), 0.2)
     assert a.x0 == pytest.approx(0.5 + 0.095) and b.x1 == pytest.approx(0.49 - 0.095)
-    a, b = apart_boxes((Box("a", 0.5, 0.3, 0.8, 0.6), Box("b", 0.1, 0.3, 0.49, 0.6)), 0.5)
-    assert a.x0 == pytest.approx(0.5 + 0.3 / 2) and b.x1 == pytest.approx(0.49 - 0.39 / 2)
+    a, b = apart_boxes((Box("a", 0.5, 0.3, 0.52, 0.6), Box("b", 0.1, 0.3, 0.49, 0.6)), 0.5)
+    assert a.x0 == pytest.approx(0.5 + 0.02 * 0.9) and b.x1 == pytest.approx(0.49 - 0.245)
     far = (Box("a", 0.0, 0.0, 0.3, 0.3), Box("b", 0.5, 0.5, 0.9, 0.9))
     assert apart_boxes(far, 0.1) == far
     assert apart_boxes((left, right), 0.0) == (left, right)
@@ -91,10 +91,14 @@ def test_overlapping_boxes_are_read_apart_along_the_axis_they_overlap_least():
     assert (a2, b2) == (a, b)
     top, low = apart_boxes((Box("t", 0.2, 0.1, 0.6, 0.4), Box("l", 0.25, 0.3, 0.55, 0.7)), 0.1)
     assert (top.y1, low.y0) == pytest.approx((0.3, 0.4)) and (top.x0, low.x1) == (0.2, 0.55)
+    # boxes that share most of their width are still read the whole margin apart: each keeps
+    # a strip along its far side (a quarter of it here)
+    a, b = apart_boxes((Box("a", 0.2, 0.2, 0.5, 0.5), Box("b", 0.25, 0.25, 0.55, 0.55)), 0.2)
+    assert (a.x0, a.x1, b.x0, b.x1) == pytest.approx((0.2, 0.275, 0.475, 0.55))
     # a small box inside a big one: read side by side too, each side moved back by at most
-    # half its box, so the boxes read still share a strip
+    # 90 % of its box, so the boxes read may still share a strip
     big, small = apart_boxes((Box("big", 0.0, 0.0, 1.0, 1.0), Box("small", 0.6, 0.1, 0.7, 0.9)), 0.2)
-    assert (big.x0, big.x1, small.x0, small.x1) == pytest.approx((0.0, 0.7, 0.65, 0.7))
+    assert (big.x0, big.x1, small.x0, small.x1) == pytest.approx((0.0, 0.7, 0.69, 0.7))
     assert (big.y0, big.y1, small.y0, small.y1) == (0.0, 1.0, 0.1, 0.9)
 
 
