@@ -4,8 +4,8 @@
   (a list of {"object": words of the prompt, "box": [x0, y0, x1, y1]}, origin top-left).
 - `plan_boxes`: boxes from relations ("A left of B": A in the left part, B in the right).
 - `apart_boxes`: the boxes as the box loss reads them, two near or overlapping boxes kept
-  `box_margin` apart (their facing sides moved back), so their objects are not pulled into
-  each other.
+  `box_margin` apart (their facing sides moved back; overlapping ones further, the more they
+  overlap), so their objects are not pulled into each other.
 - `box_masks`: each box's coverage of every cell of an attention map (fractions, so a box
   that covers a third of a 4 x 4 map's cell counts a third).
 - loss terms per box on its object's map A (h x w, >= 0) and mask M:
@@ -223,6 +223,11 @@ def _beside(anchor: Box, relation: str) -> Box:
 # overlap much (or margins near 0.5) reach it: with half, a box read could keep half of the
 # part two boxes share, the two objects were pulled together and merged (tuning_log.txt).
 MAX_MARGIN_SHRINK = 0.9
+# Two overlapping boxes are read with their centres as far apart as those of the same boxes
+# side by side, this share of the margin apart. The margin alone left their centres closer
+# the more they overlap (by half the overlap), and objects the size of their boxes met
+# there (tuning_log.txt, "overlapping boxes, centres").
+OVERLAP_SPACING = 0.25
 
 
 @functools.lru_cache(maxsize=64)
@@ -230,10 +235,13 @@ def apart_boxes(boxes: tuple[Box, ...], margin: float) -> tuple[Box, ...]:
     """The boxes the box loss reads: each pair of boxes that lie less than `margin` apart
     (fractions of the image), or overlap, has its facing sides moved back, half the
     shortfall each, along the axis that separates them most, so the loss pulls the two
-    objects toward their boxes' far sides and leaves a gap between them. A side moves back
-    by at most MAX_MARGIN_SHRINK of its box's extent, so the result lies inside the boxes as
-    drawn (a strip along the far side, where the boxes overlap much) and two boxes that
-    overlap almost wholly may still overlap as read."""
+    objects toward their boxes' far sides and leaves a gap between them. An overlapping
+    pair moves back further, by the overlap plus OVERLAP_SPACING * margin each, when that is
+    more: its centres read then lie as far apart as those of the two boxes drawn side by
+    side, OVERLAP_SPACING * margin apart, however much they overlap. A side moves back by at
+    most MAX_MARGIN_SHRINK of its box's extent, so the result lies inside the boxes as drawn
+    (a strip along the far side, where the boxes overlap much) and two boxes that overlap
+    almost wholly may still overlap as read."""
     if margin <= 0 or len(boxes) < 2:
         return boxes
     cut = [[0.0, 0.0, 0.0, 0.0] for _ in boxes]  # how far each side moves in: x0, y0, x1, y1
@@ -246,7 +254,10 @@ def apart_boxes(boxes: tuple[Box, ...], margin: float) -> tuple[Box, ...]:
             dy = max(p.y0 - q.y1, q.y0 - p.y1)
             if math.hypot(max(dx, 0.0), max(dy, 0.0)) >= margin:
                 continue
-            shortfall = (margin - max(dx, dy)) / 2
+            gap = max(dx, dy)
+            shortfall = (margin - gap) / 2
+            if gap < 0:  # overlapping by -gap: centres read as if side by side, OVERLAP_SPACING * margin apart
+                shortfall = max(shortfall, OVERLAP_SPACING * margin - gap)
             (pc_x, pc_y), (qc_x, qc_y) = p.centre, q.centre
             if dx >= dy:  # side by side: p's right side faces q's left side, or the reverse
                 side_p, side_q = (0, 2) if pc_x > qc_x else (2, 0)

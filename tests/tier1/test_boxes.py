@@ -89,16 +89,22 @@ def test_overlapping_boxes_are_read_apart_along_the_axis_they_overlap_least():
     # the order of the boxes does not matter; one above the other is read on the vertical axis
     b2, a2 = apart_boxes((Box("b", 0.3, 0.2, 0.7, 0.6), Box("a", 0.1, 0.1, 0.4, 0.5)), 0.2)
     assert (a2, b2) == (a, b)
+    # overlapping by more: each side moves back by the overlap plus a quarter of the margin,
+    # so the centres read lie as far apart as the two boxes' side by side, 0.05 apart
+    # (0.3 + 0.05), not 0.3 as with half the overlap plus half the margin
+    a, b = apart_boxes((Box("a", 0.1, 0.3, 0.4, 0.6), Box("b", 0.2, 0.3, 0.5, 0.6)), 0.2)
+    assert (a.x0, a.x1, b.x0, b.x1) == pytest.approx((0.1, 0.15, 0.45, 0.5))
+    assert b.centre[0] - a.centre[0] == pytest.approx(0.35)
     top, low = apart_boxes((Box("t", 0.2, 0.1, 0.6, 0.4), Box("l", 0.25, 0.3, 0.55, 0.7)), 0.1)
-    assert (top.y1, low.y0) == pytest.approx((0.3, 0.4)) and (top.x0, low.x1) == (0.2, 0.55)
-    # boxes that share most of their width are still read the whole margin apart: each keeps
-    # a strip along its far side (a quarter of it here)
+    assert (top.y1, low.y0) == pytest.approx((0.275, 0.425)) and (top.x0, low.x1) == (0.2, 0.55)
+    # boxes that share most of their width: each side moves back by 90 % of its box at most,
+    # leaving a strip along its far side
     a, b = apart_boxes((Box("a", 0.2, 0.2, 0.5, 0.5), Box("b", 0.25, 0.25, 0.55, 0.55)), 0.2)
-    assert (a.x0, a.x1, b.x0, b.x1) == pytest.approx((0.2, 0.275, 0.475, 0.55))
+    assert (a.x0, a.x1, b.x0, b.x1) == pytest.approx((0.2, 0.23, 0.52, 0.55))
     # a small box inside a big one: read side by side too, each side moved back by at most
     # 90 % of its box, so the boxes read may still share a strip
     big, small = apart_boxes((Box("big", 0.0, 0.0, 1.0, 1.0), Box("small", 0.6, 0.1, 0.7, 0.9)), 0.2)
-    assert (big.x0, big.x1, small.x0, small.x1) == pytest.approx((0.0, 0.7, 0.69, 0.7))
+    assert (big.x0, big.x1, small.x0, small.x1) == pytest.approx((0.0, 0.55, 0.69, 0.7))
     assert (big.y0, big.y1, small.y0, small.y1) == (0.0, 1.0, 0.1, 0.9)
 
 
