@@ -104,8 +104,9 @@ class LayoutBoxes:
                                 "Boxes nearer than this (fraction of the image side) are read by the box loss with "
                                 "their facing sides moved back until they are this far apart (at most 90 % of "
                                 "a box), so two objects in near boxes stay apart. Overlapping boxes are read "
-                                "apart the same way (along the axis they overlap least), so their objects are not "
-                                "pulled into the shared part. 0 = off (boxes read as drawn)."),
+                                "apart along the axis they overlap least, the further the more they overlap, so "
+                                "their objects are not pulled into the shared part. 0 = off (boxes read as "
+                                "drawn)."),
                 "placing_iterations": ("INT", {"default": DEFAULTS["placing_iterations"], "min": 0,
                                        "max": MAX_PLACING_ITERATIONS, "tooltip":
                                        "Adam steps on the latent at placing_percent that move each object into "
