@@ -250,11 +250,11 @@ def test_layout_boxes_on_flux(clips):
     # touching boxes: the summary says how the box loss reads them at the default margin (0.2)
     assert result.layout.box_margin == 0.2 and "margin 0.2" in summary
     assert 'reads "cat" as [0.0, 0.0, 0.4, 1.0]' in summary and 'reads "dog" as [0.6, 0.0, 1.0, 1.0]' in summary
-    # overlapping boxes are read apart the same way (each gives up half the shared 0.2 and half the margin)
+    # overlapping boxes are read apart further (each gives up the shared 0.2 and a quarter of the margin)
     crossing = '[{"object": "cat", "box": [0, 0, 0.6, 1]}, {"object": "dog", "box": [0.4, 0, 1, 1]}]'
     over = node.layout(clips["flux_dev"], text, crossing, 6.0, 0.4, "ilgd", 12.0, 0.5)["result"][1]
-    assert 'reads "cat" as [0.0, 0.0, 0.4, 1.0] (near or over another box)' in over
-    assert 'reads "dog" as [0.6, 0.0, 1.0, 1.0]' in over
+    assert 'reads "cat" as [0.0, 0.0, 0.35, 1.0] (near or over another box)' in over
+    assert 'reads "dog" as [0.65, 0.0, 1.0, 1.0]' in over
     # and the default placing burst; with it off, no such line
     assert (result.layout.placing_iterations, result.layout.placing_percent) == (20, 0.05)
     assert "placing: 20 Adam steps on the box loss at 0.05 of the schedule" in summary
