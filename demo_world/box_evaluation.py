@@ -51,6 +51,13 @@ class BoxPrompt:
 
 
 def _pairs_and_world_boxes(seed: int, n: int, exclude: set[tuple] = frozenset()) -> list[BoxPrompt]:
+    # every pair world.pick_objects can draw (two colours and two shapes, each differing), in order
+    objects = [(c, s) for c in sorted(world.COLORS) for s in world.SHAPES]
+    allowed = sum(1 for a in objects for b in objects if a[0] != b[0] and a[1] != b[1]
+                  and (a, b) not in exclude and (b, a) not in exclude)
+    if n > allowed:
+        raise ValueError(f"{n} box prompts asked for, but only {allowed} object pairs are left once the other "
+                         f"set's pairs are left out; ask for at most {allowed}.")
     rng = random.Random(seed)
     out: list[BoxPrompt] = []
     while len(out) < n:
