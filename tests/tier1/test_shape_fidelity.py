@@ -92,7 +92,6 @@ def test_layout_sets_draw_their_boxes_and_share_object_pairs():
     assert box_evaluation.box_gap((0, 0, 0.3, 0.3), (0.33, 0.34, 0.6, 0.6)) == pytest.approx(0.05)
 
 
-
 def test_more_prompts_than_object_pairs_is_a_clear_error():
     # 6 colours x 3 shapes: 180 ordered pairs; the evaluation set's 48 take out up to 96
     evaluation, _ = box_evaluation.prompt_sets(48, 0, "overlapping")
@@ -101,6 +100,7 @@ def test_more_prompts_than_object_pairs_is_a_clear_error():
     assert len(box_evaluation.prompt_sets(48, left, "overlapping")[1]) == left
     with pytest.raises(ValueError, match=f"{left + 1} box prompts asked for, but only {left} object pairs"):
         box_evaluation.prompt_sets(48, left + 1, "overlapping")
+
 
 def test_box_summary_counts_fidelity():
     O = box_evaluation.ObjectScore
