@@ -387,6 +387,20 @@ async function viewCheck(page) {
     if (setting.get("Comfy.RightSidePanel.IsOpen")) await setting.set("Comfy.RightSidePanel.IsOpen", false);
   });
   await page.waitForTimeout(400);
+  // A notice the frontend shows for a few seconds (a toast after loading a graph) may sit over
+  // a node when the check runs; the bars the check is about stay. A point counts as covered
+  // when it is still covered after VIEW_RETRIES looks, VIEW_RETRY_MS apart.
+  let view = await coveredPoints(page);
+  for (let i = 1; i < VIEW_RETRIES && view.covered.length; i++) {
+    await page.waitForTimeout(VIEW_RETRY_MS);
+    view = await coveredPoints(page);
+  }
+  return view;
+}
+
+const VIEW_RETRIES = 4, VIEW_RETRY_MS = 2_000;
+
+async function coveredPoints(page) {
   return page.evaluate(() => {
     const c = window.app.canvas, canvas = c.canvas;
     const title = window.LiteGraph.NODE_TITLE_HEIGHT ?? 30;
@@ -399,8 +413,10 @@ async function viewCheck(page) {
         const inside = x >= 0 && y >= 0 && x < window.innerWidth && y < window.innerHeight;
         const el = inside ? document.elementFromPoint(x, y) : null;
         if (!inside || (el !== canvas && !el?.closest(".dom-widget"))) {
+          const notice = el?.closest(".p-toast, [role='alert']");
           covered.push({ node: n.id, type: n.type, point: [Math.round(x), Math.round(y)],
-                         by: el ? `${el.tagName}.${String(el.className).slice(0, 60)}` : "outside the window" });
+                         by: el ? `${el.tagName}.${String(el.className).slice(0, 60)}` : "outside the window",
+                         ...(notice ? { in_notice: String(notice.className).slice(0, 60) } : {}) });
         }
       }
     }
