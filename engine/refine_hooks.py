@@ -31,7 +31,7 @@ import torch
 import comfy.samplers
 from comfy.patcher_extension import WrappersMP
 
-from ..guidance.boxes import PLACING_LEARNING_RATE
+from ..guidance.boxes import PLACING_LEARNING_RATE, placed_by_burst
 from ..guidance.losses import LossSettings, Objective, objective_loss
 from ..guidance.refine import RefineReport, RefineSettings, refine_index, refine_latent
 from ..guidance.relations import SpatialRelations
@@ -190,9 +190,10 @@ def with_refine(model, relations: SpatialRelations, settings: RefineSettings):
 def placing_settings(relations: SpatialRelations, guidance: GuidanceSettings) -> RefineSettings | None:
     """The burst of Layout Boxes' placing: the box terms alone (the layout's box loss and
     weight), `placing_iterations` Adam steps at `placing_percent`, in the guidance's memory
-    mode. None when the relations have no boxes or the layout no placing."""
+    mode. None when the relations have no boxes, the layout no placing, or every box overlaps
+    another much (guidance/boxes.placed_by_burst)."""
     layout = relations.layout
-    if not relations.boxes or not layout.places:
+    if not relations.boxes or not layout.places or not placed_by_burst(tuple(b.box for b in relations.boxes)):
         return None
     return RefineSettings(presence=0.0, separation=0.0, spatial=0.0, refine_percent=layout.placing_percent,
                           iterations=layout.placing_iterations, learning_rate=PLACING_LEARNING_RATE,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..guidance.boxes import apart_boxes
+from ..guidance.boxes import apart_boxes, placed_by_burst
 from ..guidance.capture import CaptureStore, box_slots
 from ..guidance.losses import Objective
 from ..guidance.refine import RefineSettings
@@ -80,12 +80,15 @@ def set_injection(store: CaptureStore, sampling, sigma: float) -> None:
 def refine_objective(store: CaptureStore, refine: RefineSettings) -> Objective:
     """The loss of a refinement burst: every object slot's presence and separation, the
     relations' terms times `spatial` (InfSplign Refine), and the layout's box terms times
-    `boxes` (Layout Boxes' placing burst)."""
+    `boxes` (Layout Boxes' placing burst), but those of boxes that overlap another much."""
     objective = Objective(store.pairs, objects=tuple(range(len(store.groups))), presence=refine.presence,
                           separation=refine.separation, relation_weight=refine.spatial)
     relations = store.relations
     if refine.boxes > 0 and relations.boxes and relations.layout.box_loss != "none":
-        objective = replace(objective, box_slots=box_slots(relations), boxes=loss_boxes(relations),
+        # the burst leaves out boxes that overlap another much (placed_by_burst)
+        keep = placed_by_burst(tuple(b.box for b in relations.boxes))
+        slots, read = box_slots(relations), loss_boxes(relations)
+        objective = replace(objective, box_slots=tuple(slots[i] for i in keep), boxes=tuple(read[i] for i in keep),
                             box_loss=relations.layout.box_loss, box_weight=refine.boxes)
     return objective
 

@@ -32,7 +32,8 @@
 - `LayoutSettings.places`: the placing burst, the box terms descended by Adam on the latent
   at one early step (guidance/refine.refine_latent, engine/refine_hooks.with_placing), which
   moves objects into their boxes before their shapes form; the box loss of the later steps
-  then only keeps them there.
+  then only keeps them there. It leaves out boxes that overlap another much
+  (`placed_by_burst`): there is no room for both objects, and the burst pressed them together.
 Pure torch, no ComfyUI.
 """
 from __future__ import annotations
@@ -270,6 +271,35 @@ def apart_boxes(boxes: tuple[Box, ...], margin: float) -> tuple[Box, ...]:
         w, h = (b.x1 - b.x0) * MAX_MARGIN_SHRINK, (b.y1 - b.y0) * MAX_MARGIN_SHRINK
         out.append(Box(b.object, b.x0 + min(cx0, w), b.y0 + min(cy0, h), b.x1 - min(cx1, w), b.y1 - min(cy1, h)))
     return tuple(out)
+
+
+# The placing burst leaves out two boxes that overlap by more than this share of the smaller
+# one's extent, along the axis where they overlap least: objects about the size of their boxes
+# cannot both lie in them without meeting, and the burst, which moves objects fast, pressed
+# them into each other (touching in 13.8 % of such images, 1.2 without it); the box loss of
+# the later steps still guides them (tuning_log.txt, "overlapping boxes: keeping objects apart").
+PLACING_MAX_OVERLAP = 0.4
+
+
+def overlap_share(p: Box, q: Box) -> float:
+    """How much two boxes overlap: the overlap along the axis where they overlap least, as a
+    share of the smaller box's extent along it (0 when they do not overlap, 1 when one spans
+    the other along both axes)."""
+    dx = max(p.x0 - q.x1, q.x0 - p.x1)
+    dy = max(p.y0 - q.y1, q.y0 - p.y1)
+    if dx >= 0 or dy >= 0:
+        return 0.0
+    if dx >= dy:
+        return min(-dx / min(p.x1 - p.x0, q.x1 - q.x0), 1.0)
+    return min(-dy / min(p.y1 - p.y0, q.y1 - q.y0), 1.0)
+
+
+def placed_by_burst(boxes: Sequence[Box]) -> tuple[int, ...]:
+    """The indices of the boxes the placing burst pulls on: all but those that overlap
+    another box by more than PLACING_MAX_OVERLAP (overlap_share)."""
+    left_out = {k for i, p in enumerate(boxes) for j, q in enumerate(boxes)
+                if i < j and overlap_share(p, q) > PLACING_MAX_OVERLAP for k in (i, j)}
+    return tuple(i for i in range(len(boxes)) if i not in left_out)
 
 
 def box_masks(boxes: Sequence[Box], h: int, w: int, like: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ import bisect
 import re
 from dataclasses import dataclass
 
-from .boxes import BoundBox, LayoutSettings, apart_boxes
+from .boxes import BoundBox, LayoutSettings, apart_boxes, placed_by_burst
 
 # Canonical relation -> accepted phrasings (ALGORITHM.md section 1; "near" as in T2I-CompBench).
 PHRASINGS: dict[str, tuple[str, ...]] = {
@@ -313,10 +313,14 @@ class SpatialRelations:
             s = self.layout
             lines.append(f"injection {s.injection:g} until {s.injection_end_percent:g}, box loss {s.box_loss} "
                          f"weight {s.box_weight:g} until {s.box_end_percent:g}, margin {s.box_margin:g}")
-            if s.places:
-                lines.append(f"placing: {s.placing_iterations} Adam steps on the box loss at "
-                             f"{s.placing_percent:g} of the schedule")
             drawn = tuple(b.box for b in self.boxes)
+            if s.places:
+                placed = placed_by_burst(drawn)
+                lines.append(f"placing: {s.placing_iterations} Adam steps on the box loss at "
+                             f"{s.placing_percent:g} of the schedule"
+                             + ("" if len(placed) == len(drawn) else
+                                ", leaving out " + ", ".join(f'"{b.object}"' for i, b in enumerate(drawn)
+                                                             if i not in placed) + " (boxes overlapping much)"))
             for box, read in zip(drawn, apart_boxes(drawn, s.box_margin)):
                 if read != box:
                     x0, y0, x1, y1 = (round(v, 3) for v in read.corners)

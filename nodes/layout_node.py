@@ -111,8 +111,11 @@ class LayoutBoxes:
                                        "max": MAX_PLACING_ITERATIONS, "tooltip":
                                        "Adam steps on the latent at placing_percent that move each object into "
                                        "its box while the image is still a blur, before shapes form (the box loss, "
-                                       "as GSN's refinement). Each costs about one guided step. 0 = off (injection "
-                                       "and the box loss alone)."}),
+                                       "as GSN's refinement). Each costs about one guided step. It leaves out two "
+                                       "boxes that overlap by more than 40 % of the smaller one's side (along the "
+                                       "axis they overlap least): there is no room for both objects, and the burst "
+                                       "pressed them together. 0 = off (injection and the box loss "
+                                       "alone)."}),
                 "placing_percent": f(DEFAULTS["placing_percent"], 0.0, 1.0, 0.01,
                                      "The step of the placing burst, as a fraction of the schedule."),
             },

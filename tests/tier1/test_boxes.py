@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
-from infsplign.guidance.boxes import (Box, BoxError, LayoutSettings, apart_boxes, box_layer_loss, box_masks,
-                                      injection_bias, injection_delta, inside_share, parse_boxes, plan_boxes)
+from infsplign.guidance.boxes import (PLACING_MAX_OVERLAP, Box, BoxError, LayoutSettings, apart_boxes,
+                                      box_layer_loss, box_masks, injection_bias, injection_delta, inside_share,
+                                      overlap_share, parse_boxes, placed_by_burst, plan_boxes)
 from infsplign.guidance.losses import (LossSettings, Objective, Pair, box_map_sizes, objective_loss, objective_terms,
                                       step_loss)
 
@@ -155,6 +156,29 @@ def test_objective_adds_weighted_box_terms_to_the_relation_terms():
     assert torch.allclose(with_boxes, want)
     assert Objective().empty and not Objective(pairs).empty and Objective((), (0,), boxes[:1], "ilgd", 1.0).has_boxes
     assert Objective((), (0,), boxes[:1], "none", 1.0).empty
+
+
+def test_overlap_share_is_the_overlap_along_the_axis_that_overlaps_least():
+    a = Box("a", 0.1, 0.1, 0.5, 0.5)
+    assert overlap_share(a, Box("b", 0.6, 0.1, 0.9, 0.5)) == 0.0  # apart
+    assert overlap_share(a, Box("b", 0.5, 0.1, 0.9, 0.5)) == 0.0  # touching
+    # 0.1 of overlap along x (0.4 along y): a share of the smaller width, 0.3
+    assert overlap_share(a, Box("b", 0.4, 0.1, 0.7, 0.5)) == pytest.approx(0.1 / 0.3)
+    assert overlap_share(Box("b", 0.4, 0.1, 0.7, 0.5), a) == pytest.approx(0.1 / 0.3)  # symmetric
+    assert overlap_share(a, Box("b", 0.1, 0.3, 0.5, 0.7)) == pytest.approx(0.5)  # along y: 0.2 of 0.4
+    assert overlap_share(a, Box("b", 0.2, 0.2, 0.3, 0.3)) == 1.0  # contained
+
+
+def test_placing_burst_leaves_out_boxes_that_overlap_another_much():
+    a, far = Box("a", 0.05, 0.1, 0.45, 0.5), Box("far", 0.6, 0.6, 0.9, 0.9)
+    step = 0.4 * (1 - PLACING_MAX_OVERLAP)  # b overlaps a by just over PLACING_MAX_OVERLAP of the width
+    much = Box("much", a.x0 + step - 0.01, 0.1, a.x1 + step - 0.01, 0.5)
+    little = Box("little", a.x0 + step + 0.01, 0.1, a.x1 + step + 0.01, 0.5)
+    assert overlap_share(a, much) > PLACING_MAX_OVERLAP > overlap_share(a, little) > 0
+    assert placed_by_burst((a, little, far)) == (0, 1, 2)
+    assert placed_by_burst((a, much, far)) == (2,)
+    assert placed_by_burst((a, much)) == ()
+    assert placed_by_burst((a,)) == (0,) and placed_by_burst(()) == ()
 
 
 def test_box_terms_skip_the_coarsest_maps_when_finer_ones_are_captured():

@@ -160,6 +160,24 @@ def test_placing_burst_descends_the_box_loss_at_its_step_only(host, checkpoints)
     assert observed.refinement is None
 
 
+def test_placing_burst_leaves_out_boxes_that_overlap_much(host, checkpoints):
+    """Two boxes overlapping by 0.3 of their 0.4 width: no burst (the summary says why); a third
+    box apart from them: the burst pulls on it alone; overlapping by 0.1: the burst as usual."""
+    session = host.Session()
+    settings = {"box_loss": "peak_centre", "strength": 30.0, "placing_iterations": 3, "placing_percent": 0.5}
+    much = json.dumps([{"object": "cat", "box": [0.1, 0.3, 0.5, 0.7]}, {"object": "dog", "box": [0.2, 0.3, 0.6, 0.7]}])
+    trace, res = placing_run(session, boxed(boxes=much, **settings))
+    assert trace.refinement is None and torch.isfinite(host.saved_latents(res, "save_latent")[0]).all()
+    assert 'leaving out "cat", "dog" (boxes overlapping much)' in session.output("layout", 1)
+    text = "a cat and a dog and a bird"
+    three = json.dumps([*json.loads(much), {"object": "bird", "box": [0.7, 0.05, 0.95, 0.3]}])
+    trace, _ = placing_run(session, boxed(boxes=three, text=text, **settings))
+    assert trace.refinement is not None and len(trace.refinement.losses) == 3
+    little = json.dumps([{"object": "cat", "box": [0.1, 0.3, 0.5, 0.7]}, {"object": "dog", "box": [0.4, 0.3, 0.8, 0.7]}])
+    trace, _ = placing_run(session, boxed(boxes=little, **settings))
+    assert trace.refinement is not None and len(trace.refinement.losses) == 3
+
+
 def test_infsplign_refine_on_the_model_takes_the_place_of_the_placing_burst(host, checkpoints):
     """One burst per run: with InfSplign Refine before the guidance node, its step (0.75 of 4
     steps = 3) and its settings are the run's, not the placing burst's (step 1)."""
