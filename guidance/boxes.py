@@ -231,6 +231,12 @@ MAX_MARGIN_SHRINK = 0.9
 OVERLAP_SPACING = 0.25
 
 
+def axis_gaps(p: Box, q: Box) -> tuple[float, float]:
+    """The gap between two boxes along x and along y; negative: how far one must move along
+    that axis to clear the other."""
+    return max(p.x0 - q.x1, q.x0 - p.x1), max(p.y0 - q.y1, q.y0 - p.y1)
+
+
 @functools.lru_cache(maxsize=64)
 def apart_boxes(boxes: tuple[Box, ...], margin: float) -> tuple[Box, ...]:
     """The boxes the box loss reads: each pair of boxes that lie less than `margin` apart
@@ -250,9 +256,7 @@ def apart_boxes(boxes: tuple[Box, ...], margin: float) -> tuple[Box, ...]:
         for j, q in enumerate(boxes):
             if j <= i:
                 continue
-            # the gap between the two along each axis; negative: how far one must move to clear the other
-            dx = max(p.x0 - q.x1, q.x0 - p.x1)
-            dy = max(p.y0 - q.y1, q.y0 - p.y1)
+            dx, dy = axis_gaps(p, q)
             if math.hypot(max(dx, 0.0), max(dy, 0.0)) >= margin:
                 continue
             gap = max(dx, dy)
@@ -286,8 +290,7 @@ def overlap_share(p: Box, q: Box) -> float:
     """How much two boxes overlap: the overlap along the axis where they overlap least, as a
     share of the smaller box's extent along it (0 when they do not overlap, 1 when one spans
     the other along both axes)."""
-    dx = max(p.x0 - q.x1, q.x0 - p.x1)
-    dy = max(p.y0 - q.y1, q.y0 - p.y1)
+    dx, dy = axis_gaps(p, q)
     if dx >= 0 or dy >= 0:
         return 0.0
     if dx >= dy:
