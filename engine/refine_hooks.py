@@ -31,7 +31,8 @@ import torch
 import comfy.samplers
 from comfy.patcher_extension import WrappersMP
 
-from ..guidance.boxes import PLACING_LEARNING_RATE, placed_by_burst
+from ..guidance.box_geometry import placed_by_burst
+from ..guidance.boxes import PLACING_LEARNING_RATE
 from ..guidance.losses import LossSettings, Objective, objective_loss
 from ..guidance.refine import RefineReport, RefineSettings, refine_index, refine_latent
 from ..guidance.relations import SpatialRelations
@@ -191,7 +192,7 @@ def placing_settings(relations: SpatialRelations, guidance: GuidanceSettings) ->
     """The burst of Layout Boxes' placing: the box terms alone (the layout's box loss and
     weight), `placing_iterations` Adam steps at `placing_percent`, in the guidance's memory
     mode. None when the relations have no boxes, the layout no placing, or every box overlaps
-    another much (guidance/boxes.placed_by_burst)."""
+    another much (guidance/box_geometry.placed_by_burst)."""
     layout = relations.layout
     if not relations.boxes or not layout.places or not placed_by_burst(tuple(b.box for b in relations.boxes)):
         return None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..guidance.boxes import apart_boxes, placed_by_burst
+from ..guidance.box_geometry import apart_boxes, placed_by_burst
 from ..guidance.capture import CaptureStore, box_slots
 from ..guidance.losses import Objective
 from ..guidance.refine import RefineSettings

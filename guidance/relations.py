@@ -10,7 +10,8 @@ import bisect
 import re
 from dataclasses import dataclass
 
-from .boxes import BoundBox, LayoutSettings, apart_boxes, placed_by_burst
+from .box_geometry import apart_boxes, placed_by_burst
+from .boxes import BoundBox, LayoutSettings
 
 # Canonical relation -> accepted phrasings (ALGORITHM.md section 1; "near" as in T2I-CompBench).
 PHRASINGS: dict[str, tuple[str, ...]] = {

@@ -1,12 +1,13 @@
-"""Tier 1: guidance.boxes: reading the boxes, masks, loss terms, injection, planning."""
+"""Tier 1: guidance.boxes and guidance.box_geometry: reading the boxes, masks, loss terms, injection, planning,
+the boxes read apart and the boxes the placing burst pulls on."""
 import json
 
 import pytest
 import torch
 
-from infsplign.guidance.boxes import (PLACING_MAX_OVERLAP, Box, BoxError, LayoutSettings, apart_boxes,
-                                      box_layer_loss, box_masks, injection_bias, injection_delta, inside_share,
-                                      overlap_share, parse_boxes, placed_by_burst, plan_boxes)
+from infsplign.guidance.box_geometry import PLACING_MAX_OVERLAP, apart_boxes, overlap_share, placed_by_burst
+from infsplign.guidance.boxes import (Box, BoxError, LayoutSettings, box_layer_loss, box_masks, injection_bias,
+                                      injection_delta, inside_share, parse_boxes, plan_boxes)
 from infsplign.guidance.losses import (LossSettings, Objective, Pair, box_map_sizes, objective_loss, objective_terms,
                                       step_loss)
 
