@@ -389,16 +389,15 @@ async function viewCheck(page) {
   await page.waitForTimeout(400);
   // A notice the frontend shows for a few seconds (a toast after loading a graph) may sit over
   // a node when the check runs; the bars the check is about stay. A point counts as covered
-  // when it is still covered after VIEW_RETRIES looks, VIEW_RETRY_MS apart.
+  // when it is still covered after `looks` looks, `wait` ms apart.
+  const looks = 4, wait = 2_000;
   let view = await coveredPoints(page);
-  for (let i = 1; i < VIEW_RETRIES && view.covered.length; i++) {
-    await page.waitForTimeout(VIEW_RETRY_MS);
+  for (let i = 1; i < looks && view.covered.length; i++) {
+    await page.waitForTimeout(wait);
     view = await coveredPoints(page);
   }
   return view;
 }
-
-const VIEW_RETRIES = 4, VIEW_RETRY_MS = 2_000;
 
 async function coveredPoints(page) {
   return page.evaluate(() => {
