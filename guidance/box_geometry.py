@@ -1,8 +1,9 @@
 """Where the box terms read the boxes, and which boxes the placing burst pulls on.
 
-- `apart_boxes`: the boxes as the box loss (and the injection) reads them, two near or
-  overlapping boxes kept `box_margin` apart: their facing sides moved back, overlapping ones
-  further the more they overlap, so their objects are not pulled into each other.
+- `apart_boxes`: the boxes as the box loss reads them (the injection reads them as drawn):
+  two near or overlapping boxes kept `box_margin` apart, their facing sides moved back,
+  overlapping ones further the more they overlap, so their objects are not pulled into each
+  other.
 - `placed_by_burst`: the boxes Layout Boxes' placing burst pulls on, all but those that
   overlap another much (`overlap_share`): there is no room for both objects, and the burst,
   which moves objects fast, pressed them together.
