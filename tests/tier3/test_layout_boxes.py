@@ -173,6 +173,16 @@ def test_placing_burst_leaves_out_boxes_that_overlap_much(host, checkpoints):
     three = json.dumps([*json.loads(much), {"object": "bird", "box": [0.7, 0.05, 0.95, 0.3]}])
     trace, _ = placing_run(session, boxed(boxes=three, text=text, **settings))
     assert trace.refinement is not None and len(trace.refinement.losses) == 3
+    # the burst's objective holds the bird's box alone
+    from infsplign.engine.step_terms import refine_objective
+    from infsplign.guidance.capture import CaptureStore
+    from infsplign.guidance.refine import RefineSettings
+    relations = session.output("layout")
+    objective = refine_objective(CaptureStore(relations=relations, layers=()), RefineSettings(presence=0.0, boxes=1.0))
+    (bird,) = [b for b in relations.boxes if b.box.object == "bird"]
+    assert [b.object for b in objective.boxes] == ["bird"] and len(objective.box_slots) == 1
+    # read as the box loss reads it with all three (0.1 from the dog's box: moved 0.05 back)
+    assert objective.boxes[0].corners == pytest.approx((0.75, 0.05, 0.95, 0.3)) and bird.box.x0 == 0.7
     little = json.dumps([{"object": "cat", "box": [0.1, 0.3, 0.5, 0.7]}, {"object": "dog", "box": [0.4, 0.3, 0.8, 0.7]}])
     trace, _ = placing_run(session, boxed(boxes=little, **settings))
     assert trace.refinement is not None and len(trace.refinement.losses) == 3
